@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install everything napari-jointattn needs, system packages included.
+# Idempotent: a second run only checks. Keeps an already-installed torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+
+# napari draws with OpenGL: under a virtual X server it needs Xvfb, Mesa and
+# the xcb libraries Qt's X11 platform plugin loads.
+APT_PACKAGES="xvfb xauth libgl1-mesa-dri libegl1 libglib2.0-0 libxcb-icccm4 libxcb-image0
+libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xfixes0
+libxcb-shape0 libxkbcommon-x11-0 libxcb-cursor0 libdbus-1-3 libfontconfig1"
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    missing=""
+    for p in $APT_PACKAGES; do
+        dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
+    done
+    if [ -n "$missing" ]; then
+        echo "setup: installing system packages:$missing"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+    fi
+elif ! command -v Xvfb >/dev/null 2>&1; then
+    echo "setup: Xvfb not found and apt-get unavailable; GUI tests need a display" >&2
+fi
+
+# A CPU build of torch unless one is installed already (an unpinned install
+# would pull a multi-GB CUDA build onto a CPU-only machine).
+if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
+    echo "setup: installing torch (CPU build)"
+    "$PYTHON" -m pip install -q "torch==2.13.0"
+fi
+
+if ! "$PYTHON" -c "import napari_jointattn, pytest, pytestqt, napari, monai" >/dev/null 2>&1 \
+    || [ "${FORCE_INSTALL:-0}" = 1 ] || [ pyproject.toml -nt .setup-stamp ]; then
+    echo "setup: installing napari-jointattn and its dependencies"
+    "$PYTHON" -m pip install -q -e ".[testing]"
+    touch .setup-stamp
+fi
