@@ -1,0 +1,345 @@
+"""Segmenting images of any size: channels, stacks, tiling, devices, post-processing."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .devices import autocast, describe_device, free_cache, is_out_of_memory, resolve_device
+from .errors import BadInputError, Cancelled
+from .imageio import ImageFile, read_image
+from .models import Model, load_model
+from .normalize import normalize, percentile_range
+from .postprocess import argmax_labels, split_instances
+
+#: Called with a progress dict ``{"stage", "done", "total", "message"}``;
+#: returning ``False`` cancels the work.
+Callback = Callable[[dict], "bool | None"]
+
+MIN_TILE = 64
+
+
+@dataclass
+class Segmentation:
+    """What :func:`segment` returns.
+
+    ``labels`` has the image's spatial shape (class ids, or instance ids for
+    instance models). ``attention`` maps ``"<module> <map>"`` (e.g.
+    ``"joint 1/8 pointwise"``) to float32 arrays of the same shape.
+    """
+
+    labels: np.ndarray
+    attention: dict[str, np.ndarray] = field(default_factory=dict)
+    device: str = "cpu"
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    instances: bool = False
+    slices: list[int] | None = None
+
+
+# ------------------------------------------------------------------ channels
+def prepare_channels(
+    image: np.ndarray, in_channels: int, channel_axis: int | None = None
+) -> np.ndarray:
+    """Return the image as (spatial..., in_channels) with a documented rule.
+
+    * ``channel_axis`` given: that axis holds channels.
+    * otherwise a 3-D array whose last axis has 3 or 4 entries (and whose
+      other axes are larger) is RGB(A);
+    * otherwise, for a multi-channel model, a first or last axis of exactly
+      ``in_channels`` entries is the channel axis;
+    * otherwise there is no channel axis.
+
+    A 1-channel model given several channels uses their mean (alpha
+    dropped). Spatial dimensionality must be 2 or 3.
+    """
+    arr = np.asarray(image)
+    if arr.dtype.kind not in "biuf":
+        raise BadInputError(f"unsupported pixel type {arr.dtype}")
+    if arr.ndim < 2:
+        raise BadInputError(f"an image needs at least 2 dimensions, got shape {arr.shape}")
+    if channel_axis is not None:
+        if not -arr.ndim <= channel_axis < arr.ndim:
+            raise BadInputError(f"channel axis {channel_axis} does not exist in shape {arr.shape}")
+        arr = np.moveaxis(arr, channel_axis, -1)
+    elif arr.ndim == 3 and arr.shape[-1] in (3, 4) and min(arr.shape[:2]) > 4:
+        pass
+    elif in_channels > 1 and arr.ndim >= 3 and arr.shape[-1] == in_channels:
+        pass
+    elif in_channels > 1 and arr.ndim >= 3 and arr.shape[0] == in_channels:
+        arr = np.moveaxis(arr, 0, -1)
+    else:
+        arr = arr[..., None]
+    spatial = arr.ndim - 1
+    if spatial not in (2, 3):
+        raise BadInputError(
+            f"image of shape {np.shape(image)} has {spatial} spatial dimensions; "
+            "supported are 2-D images and 3-D stacks (plus an optional channel axis)"
+        )
+    c = arr.shape[-1]
+    if c == in_channels:
+        return arr
+    if in_channels == 1:
+        if c == 4:
+            arr = arr[..., :3]
+        return arr.astype(np.float32).mean(axis=-1, keepdims=True)
+    raise BadInputError(f"the model needs {in_channels} channels, the image has {c}")
+
+
+# ------------------------------------------------------------------- tiling
+def _windows(size: int, roi: int, overlap: float) -> int:
+    if size <= roi:
+        return 1
+    interval = max(1, int(roi * (1 - overlap)))
+    return math.ceil((size - roi) / interval) + 1
+
+
+def count_windows(shape: Sequence[int], tile: int, overlap: float) -> int:
+    h, w = shape
+    return _windows(h, min(tile, h), overlap) * _windows(w, min(tile, w), overlap)
+
+
+def _map_names(model: Model) -> list[str]:
+    names = []
+    for module_name, module in model.net.attention_modules():
+        for map_name in ("pointwise", "mix"):
+            if map_name == "mix" and getattr(module, "form", None) != "mix":
+                continue
+            names.append(f"{module_name} {map_name}")
+    return names
+
+
+def predict_slice(
+    model: Model,
+    x: np.ndarray,
+    device: torch.device,
+    tile: int = 512,
+    overlap: float = 0.25,
+    batch_size: int = 1,
+    maps: bool = False,
+    on_window: Callable[[], None] | None = None,
+) -> torch.Tensor:
+    """One 2-D image (C, H, W) -> (K [+ aux] [+ maps], H, W) float32 on the CPU.
+
+    Class channels are softmax probabilities. Tiles of ``tile`` pixels with
+    ``overlap`` are blended with Gaussian weights (MONAI's sliding window);
+    blending accumulates on the CPU, so device memory holds one batch of tiles.
+    """
+    from monai.inferers import sliding_window_inference
+
+    net = model.net
+    k = model.num_classes
+    _, h, w = x.shape
+    roi = (min(tile, h), min(tile, w))
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        if on_window is not None:
+            on_window()
+        with autocast(device):
+            if maps:
+                logits, found = net.inspect(batch)
+            else:
+                logits = net(batch)
+        logits = logits.float()
+        out = [torch.softmax(logits[:, :k], dim=1), logits[:, k:]]
+        if maps:
+            size = batch.shape[-2:]
+            for module_maps in found.values():
+                for name in ("pointwise", "mix"):
+                    if name in module_maps:
+                        m = module_maps[name].float()[:, None]
+                        # the map covers ceil(h / stride) cells: upsample to the
+                        # padded extent, then crop to the tile
+                        stride = math.ceil(size[0] / m.shape[-2]), math.ceil(size[1] / m.shape[-1])
+                        full = F.interpolate(
+                            m, size=(m.shape[-2] * stride[0], m.shape[-1] * stride[1]),
+                            mode="bilinear", align_corners=False,
+                        )
+                        out.append(full[..., : size[0], : size[1]])
+        return torch.cat(out, dim=1)
+
+    inputs = torch.from_numpy(np.ascontiguousarray(x))[None]
+    with torch.inference_mode():
+        result = sliding_window_inference(
+            inputs,
+            roi_size=roi,
+            sw_batch_size=batch_size,
+            predictor=predictor,
+            overlap=overlap,
+            mode="gaussian",
+            padding_mode="replicate",
+            sw_device=device,
+            device=torch.device("cpu"),
+        )
+    return result[0]
+
+
+# ------------------------------------------------------------------ segment
+def _as_array(image) -> tuple[np.ndarray, int | None, int]:
+    """-> (array, channel_axis, default slicing axis)."""
+    if isinstance(image, (str, os.PathLike)):
+        image = read_image(image)
+    if isinstance(image, ImageFile):
+        return image.data, image.channel_axis, image.default_axis
+    return np.asarray(image), None, 0
+
+
+def segment(
+    image,
+    model: Model | str | os.PathLike = "nuclei",
+    *,
+    device: str | torch.device = "auto",
+    tile: int = 512,
+    overlap: float = 0.25,
+    batch_size: int = 1,
+    axis: int | None = None,
+    channel_axis: int | None = None,
+    slices: Sequence[int] | None = None,
+    attention: bool = False,
+    callback: Callback | None = None,
+) -> Segmentation:
+    """Segment a 2-D image or a 3-D stack (slice by slice along ``axis``).
+
+    ``image``: an array, an :class:`ImageFile` or a path. ``model``: a
+    :class:`Model`, a preset name or a model file. ``slices`` restricts a
+    stack to some slice indices (others are labelled 0). On CUDA out of
+    memory the tile is halved down to 64 px, then the CPU is used; each step
+    is recorded in ``notes``. Raises :class:`BadInputError` for bad input and
+    :class:`Cancelled` when ``callback`` returns ``False``.
+    """
+    start = time.perf_counter()
+    model = load_model(model)
+    if not isinstance(tile, (int, np.integer)) or tile < MIN_TILE:
+        raise BadInputError(f"tile must be an integer of at least {MIN_TILE} pixels, got {tile!r}")
+    if not 0 <= overlap < 1:
+        raise BadInputError(f"overlap must be in [0, 1), got {overlap!r}")
+    dev = resolve_device(device)
+    arr, file_channel_axis, default_axis = _as_array(image)
+    if channel_axis is None:
+        channel_axis = file_channel_axis
+    data = prepare_channels(arr, model.in_channels, channel_axis)
+    spatial_shape = data.shape[:-1]
+
+    is_stack = len(spatial_shape) == 3
+    if is_stack:
+        ax = default_axis if axis is None else axis
+        if not -3 <= ax < 3:
+            raise BadInputError(f"axis {ax} does not exist for a 3-D stack")
+        ax %= 3
+        data = np.moveaxis(data, ax, 0)
+    else:
+        if axis not in (None, 0):
+            raise BadInputError("axis applies to 3-D stacks only")
+        ax = None
+        data = data[None]
+    n = data.shape[0]
+    todo = list(range(n)) if slices is None else sorted({int(s) for s in slices})
+    if any(not 0 <= s < n for s in todo):
+        raise BadInputError(f"slice indices must be in [0, {n - 1}]")
+
+    per_volume = model.normalization.get("per") == "volume" and is_stack
+    pct = tuple(model.normalization.get("percentiles", (1.0, 99.8)))
+    if data.dtype.kind == "f" and not np.isfinite(data).any():
+        raise BadInputError("the image has no finite pixel (all NaN or infinite)")
+    volume_range = percentile_range(data, *pct) if per_volume else None
+
+    net = model.net.eval()
+    net.to(dev)
+    hw = data.shape[1:3]
+    labels = np.zeros((n, *hw), dtype=np.int32 if model.instances else np.uint8)
+    names = _map_names(model) if attention else []
+    maps = {name: np.zeros((n, *hw), dtype=np.float32) for name in names}
+    notes: list[str] = []
+    total = len(todo) * count_windows(hw, tile, overlap)
+    done = 0
+    nonfinite_pixels = 0
+
+    def report(message: str) -> None:
+        if callback is not None and callback(
+            {"stage": "segment", "done": done, "total": total, "message": message}
+        ) is False:
+            raise Cancelled("segmentation cancelled")
+
+    def on_window() -> None:
+        nonlocal done
+        report(f"tile {done + 1}/{total} on {dev.type}")
+        done += 1
+
+    next_id = 0
+    report("starting")
+    for s in todo:
+        plane = np.moveaxis(data[s], -1, 0)  # (C, H, W)
+        if plane.dtype.kind == "f" and not np.isfinite(plane).any():
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x, bad = normalize(plane, volume_range, pct)
+        bad = bad.any(axis=0) if bad is not None else None
+        if bad is not None:
+            nonfinite_pixels += int(bad.sum())
+        tile_now = int(tile)
+        while True:
+            try:
+                out = predict_slice(model, x, dev, tile_now, overlap, batch_size, bool(names), on_window)
+                break
+            except Cancelled:
+                raise
+            except Exception as exc:
+                if dev.type != "cuda" or not is_out_of_memory(exc):
+                    raise
+                free_cache(dev)
+                if tile_now // 2 >= MIN_TILE:
+                    tile_now //= 2
+                    notes.append(f"CUDA out of memory: retrying with {tile_now}-pixel tiles")
+                else:
+                    dev = torch.device("cpu")
+                    net.to(dev)
+                    notes.append("CUDA out of memory at the smallest tile: fell back to the CPU")
+        k = model.num_classes
+        probs = out[:k].numpy()
+        thr = model.postprocess.get("threshold")
+        if k == 2 and thr is not None:
+            cls = (probs[1] > thr).astype(np.uint8)
+        else:
+            cls = argmax_labels(probs)
+        if bad is not None:
+            cls[bad] = 0
+        if model.instances:
+            distance = out[k].numpy() if model.postprocess.get("distance_channel") else None
+            inst = split_instances(
+                cls > 0,
+                min_distance=model.postprocess.get("min_distance", 3),
+                min_size=model.postprocess.get("min_size", 15),
+                distance=distance,
+            )
+            inst[inst > 0] += next_id
+            next_id = max(next_id, int(inst.max()))
+            labels[s] = inst
+        else:
+            labels[s] = cls
+        first_map = k + model.config.aux_channels
+        for i, name in enumerate(names):
+            maps[name][s] = out[first_map + i].numpy()
+    if nonfinite_pixels:
+        notes.append(f"{nonfinite_pixels} NaN/infinite pixels were labelled background")
+
+    def restore(a: np.ndarray) -> np.ndarray:
+        return np.moveaxis(a, 0, ax) if is_stack else a[0]
+
+    return Segmentation(
+        labels=restore(labels),
+        attention={name: restore(m) for name, m in maps.items()},
+        device=describe_device(dev),
+        notes=notes,
+        seconds=time.perf_counter() - start,
+        instances=model.instances,
+        slices=todo if is_stack else None,
+    )

@@ -1,0 +1,426 @@
+"""Engine: reading/writing, normalisation, segmentation, model files, metrics."""
+
+import json
+import struct
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+from napari_jointattn import BadInputError, Cancelled, evaluate, load_model, segment
+from napari_jointattn.engine import imageio
+from napari_jointattn.engine.labels import to_classes
+from napari_jointattn.engine.metrics import confusion, match_instances, overlap_scores
+from napari_jointattn.engine.models import (
+    META_KEY,
+    new_model,
+    read_metadata,
+    resolve_model,
+    save_model,
+)
+from napari_jointattn.engine.normalize import normalize
+from napari_jointattn.engine.postprocess import split_instances
+from napari_jointattn.engine.inference import count_windows, prepare_channels
+
+
+# ------------------------------------------------------------------ reading
+def test_tiff_stack_rgb_and_multichannel(tmp_path):
+    stack = np.random.rand(5, 40, 50).astype(np.float32)
+    tifffile.imwrite(tmp_path / "stack.tif", stack)
+    img = imageio.read_image(tmp_path / "stack.tif")
+    assert img.data.shape == (5, 40, 50) and img.channel_axis is None
+
+    rgb = (np.random.rand(40, 50, 3) * 255).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    img = imageio.read_image(tmp_path / "rgb.tif")
+    assert img.spatial_shape == (40, 50) and img.channel_axis == 2
+
+    mc = np.random.rand(3, 40, 50).astype(np.float32)
+    tifffile.imwrite(tmp_path / "mc.tif", mc, metadata={"axes": "CYX"})
+    img = imageio.read_image(tmp_path / "mc.tif")
+    assert img.spatial_shape == (40, 50) and img.data.shape[-1] == 3
+
+
+def test_png_drops_alpha(tmp_path):
+    import imageio.v3 as iio
+
+    rgba = (np.random.rand(30, 20, 4) * 255).astype(np.uint8)
+    iio.imwrite(tmp_path / "a.png", rgba)
+    img = imageio.read_image(tmp_path / "a.png")
+    assert img.data.shape == (30, 20, 3) and img.channel_axis == 2
+
+
+def test_nifti_keeps_affine_header_and_stem(tmp_path):
+    vol = np.random.rand(12, 14, 10).astype(np.float32)
+    affine = np.diag([2.0, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [-10, 5, 7]
+    nib.save(nib.Nifti1Image(vol, affine), tmp_path / "scan.nii.gz")
+    img = imageio.read_image(tmp_path / "scan.nii.gz")
+    assert img.stem == "scan" and img.default_axis == 2
+    labels = (vol > 0.5).astype(np.uint8)
+    out = imageio.write_labels(tmp_path / "scan_labels.nii.gz", labels, like=img)
+    back = nib.load(out)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), labels)
+    np.testing.assert_allclose(back.affine, affine)
+    assert list(tmp_path.iterdir()) and not [p for p in tmp_path.iterdir() if ".part" in p.name]
+
+
+def test_nifti_axial_axis_follows_orientation(tmp_path):
+    # axes permuted: voxel axis 0 runs superior-inferior
+    affine = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], float)
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), affine), tmp_path / "s.nii")
+    assert imageio.read_image(tmp_path / "s.nii").default_axis == 0
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [(b"", "empty file"), (b"this is text, not a TIFF", "cannot read"), (b"II*\x00\x08\x00", "cannot read")],
+)
+def test_bad_tiff_files(tmp_path, content, match):
+    p = tmp_path / "bad.tif"
+    p.write_bytes(content)
+    with pytest.raises(BadInputError, match=match):
+        imageio.read_image(p)
+
+
+def test_truncated_nifti(tmp_path):
+    nib.save(nib.Nifti1Image(np.random.rand(20, 20, 20).astype(np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    data = (tmp_path / "v.nii.gz").read_bytes()
+    (tmp_path / "t.nii.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInputError, match="cannot read t.nii.gz"):
+        imageio.read_image(tmp_path / "t.nii.gz")
+
+
+def test_wrong_dimensionality(tmp_path):
+    tifffile.imwrite(tmp_path / "4d.tif", np.zeros((3, 4, 20, 20), np.float32), metadata={"axes": "TZYX"})
+    with pytest.raises(BadInputError, match="4 spatial dimensions"):
+        imageio.read_image(tmp_path / "4d.tif")
+
+
+def test_list_inputs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BadInputError, match="contains no supported images"):
+        imageio.list_inputs([tmp_path / "empty"])
+    tifffile.imwrite(tmp_path / "b.tif", np.zeros((4, 4), np.uint8))
+    (tmp_path / "notes.txt").write_text("x")
+    assert imageio.list_inputs([tmp_path]) == [tmp_path / "b.tif"]
+    with pytest.raises(BadInputError, match="no such file"):
+        imageio.list_inputs([tmp_path / "missing.tif"])
+
+
+# ----------------------------------------------------------- normalisation
+def test_normalize_percentiles_and_nan():
+    x = np.arange(1000, dtype=np.float32)
+    out, bad = normalize(x, percentiles=(0, 100))
+    assert bad is None and out.min() == 0 and out.max() == pytest.approx(1)
+    # a shifted and scaled copy normalises to the same values
+    out2, _ = normalize(x * 7 + 300, percentiles=(0, 100))
+    np.testing.assert_allclose(out, out2, atol=1e-5)
+    y = x.copy()
+    y[:10] = np.nan
+    with pytest.warns(UserWarning, match="10 NaN/infinite pixels"):
+        out, bad = normalize(y)
+    assert bad.sum() == 10 and np.isfinite(out).all()
+    with pytest.raises(BadInputError, match="no finite pixel"):
+        normalize(np.full(10, np.nan))
+    const, _ = normalize(np.full((5, 5), 3.0))
+    assert (const == 0).all()
+
+
+# --------------------------------------------------------------- channels
+def test_prepare_channels_rules():
+    assert prepare_channels(np.zeros((10, 12)), 1).shape == (10, 12, 1)
+    assert prepare_channels(np.zeros((10, 12, 3)), 1).shape == (10, 12, 1)  # RGB -> mean
+    assert prepare_channels(np.zeros((5, 10, 12)), 1).shape == (5, 10, 12, 1)  # stack
+    assert prepare_channels(np.zeros((2, 10, 12)), 2).shape == (10, 12, 2)  # channel first
+    assert prepare_channels(np.zeros((10, 3, 12)), 1, channel_axis=1).shape == (10, 12, 1)
+    rgba = np.zeros((10, 12, 4))
+    rgba[..., 3] = 255  # alpha ignored
+    assert prepare_channels(rgba, 1).max() == 0
+    with pytest.raises(BadInputError, match="needs 3 channels, the image has 2"):
+        prepare_channels(np.zeros((10, 12, 2)), 3, channel_axis=2)
+    with pytest.raises(BadInputError, match="4 spatial dimensions"):
+        prepare_channels(np.zeros((2, 3, 10, 12)), 1)
+
+
+# ------------------------------------------------------------ segmentation
+def test_segment_shapes_dtypes_and_tiling_consistency(blobs):
+    image, _ = blobs
+    model = new_model("nuclei", seed=1)
+    big = segment(image, model, device="cpu", tile=512)
+    tiled = segment(image, model, device="cpu", tile=64, overlap=0.5)
+    assert big.labels.shape == image.shape == tiled.labels.shape
+    assert big.device == "cpu"
+    assert count_windows(image.shape, 64, 0.5) > 1
+    # semantic agreement between tiled and untiled inference
+    agree = ((big.labels > 0) == (tiled.labels > 0)).mean()
+    assert agree > 0.9
+
+
+def test_segment_stack_axis_and_slices():
+    model = new_model("brain-mri", seed=0)
+    vol = np.random.rand(6, 40, 48).astype(np.float32)
+    full = segment(vol, model, axis=2)
+    assert full.labels.shape == vol.shape and full.slices == list(range(48))
+    part = segment(vol, model, axis=0, slices=[2])
+    assert part.slices == [2]
+    assert (np.delete(part.labels, 2, axis=0) == 0).all()
+    with pytest.raises(BadInputError, match="slice indices"):
+        segment(vol, model, slices=[6])
+
+
+def test_segment_nan_pixels_are_background_and_all_nan_is_bad(blobs):
+    image, _ = blobs
+    model = new_model("nuclei", seed=0)
+    with torch.no_grad():  # make the model call everything foreground
+        model.net.classifier.bias.copy_(torch.tensor([-50.0, 50.0]))
+    img = image.copy()
+    img[:10, :10] = np.nan
+    res = segment(img, model)
+    assert (res.labels[:10, :10] == 0).all() and (res.labels[20:, 20:] > 0).all()
+    assert any("NaN" in n for n in res.notes)
+    with pytest.raises(BadInputError, match="no finite pixel"):
+        segment(np.full((20, 20), np.nan), model)
+
+
+def test_segment_attention_maps(blobs):
+    image, _ = blobs
+    res = segment(image, new_model("nuclei", seed=0), attention=True)
+    assert set(res.attention) == {
+        f"joint 1/{s} {m}" for s in (8, 16, 32) for m in ("pointwise", "mix")
+    }
+    for m in res.attention.values():
+        assert m.shape == image.shape and m.dtype == np.float32
+        assert 0 < m.min() and m.max() < 1
+
+
+def test_segment_cancel(blobs):
+    image, _ = blobs
+    calls = []
+
+    def cb(info):
+        calls.append(info)
+        return info["done"] < 1
+
+    with pytest.raises(Cancelled):
+        segment(image, new_model("nuclei"), tile=64, callback=cb)
+    assert calls[0]["total"] > 1
+
+
+def test_cuda_oom_halves_tile_then_falls_back_to_cpu(blobs, monkeypatch):
+    """Simulated: a fake CUDA device whose forward raises out-of-memory."""
+    from napari_jointattn.engine import inference as seg
+
+    image, _ = blobs
+    tiles = []
+    real = seg.predict_slice
+
+    def fake_predict(model, x, device, tile, *a, **k):
+        tiles.append((device.type, tile))
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        return real(model, x, device, tile, *a, **k)
+
+    monkeypatch.setattr(seg, "predict_slice", fake_predict)
+    monkeypatch.setattr(seg, "resolve_device", lambda d: torch.device("cuda"))
+    monkeypatch.setattr(seg, "describe_device", lambda d: d.type)
+    monkeypatch.setattr(seg, "free_cache", lambda d: None)
+    model = new_model("nuclei")
+    monkeypatch.setattr(model.net, "to", lambda d: model.net)
+    res = seg.segment(image, model, device="cuda", tile=256)
+    assert tiles == [("cuda", 256), ("cuda", 128), ("cuda", 64), ("cpu", 64)]
+    assert res.device == "cpu" and len(res.notes) == 3 and "CPU" in res.notes[-1]
+
+
+def test_split_instances_separates_touching_disks():
+    yy, xx = np.mgrid[:60, :100]
+    mask = ((yy - 30) ** 2 + (xx - 35) ** 2 < 400) | ((yy - 30) ** 2 + (xx - 68) ** 2 < 400)
+    from scipy import ndimage as ndi
+
+    assert ndi.label(mask)[1] == 1
+    inst = split_instances(mask, min_distance=5)
+    assert inst.max() == 2
+    assert inst[30, 30] != inst[30, 72]
+
+
+def test_devices():
+    from napari_jointattn.engine.devices import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(BadInputError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BadInputError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+# ------------------------------------------------------------- model files
+def test_model_roundtrip(tmp_path, blobs):
+    image, _ = blobs
+    model = new_model("nuclei", seed=3)
+    path = save_model(model, tmp_path / "m.safetensors")
+    back = load_model(path)
+    assert back.classes == ["background", "nucleus"] and back.instances
+    assert back.provenance["code_version"]
+    for (k, a), b in zip(model.net.state_dict().items(), back.net.state_dict().values()):
+        assert torch.equal(a, b), k
+    np.testing.assert_array_equal(segment(image, model).labels, segment(image, back).labels)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    from napari_jointattn.engine import files
+
+    path = tmp_path / "m.safetensors"
+    save_model(new_model("nuclei", seed=0), path)
+    before = path.read_bytes()
+
+    def crash(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", crash)
+    with pytest.raises(BadInputError, match="No space left"):
+        save_model(new_model("nuclei", seed=1), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def _rewrite_metadata(src, dst, edit):
+    raw = src.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + n])
+    edit(header["__metadata__"])
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    dst.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
+
+
+@pytest.mark.parametrize(
+    "edit,match",
+    [
+        (lambda m: m.pop(META_KEY), "no napari-jointattn metadata"),
+        (lambda m: m.update({META_KEY: "{not json"}), "not valid JSON"),
+        (lambda m: m.update({META_KEY: json.dumps({**json.loads(m[META_KEY]), "architecture": "ResNet"})}),
+         "unknown architecture"),
+        (lambda m: m.update({META_KEY: json.dumps({**json.loads(m[META_KEY]), "classes": ["a"]})}),
+         "2 to 255"),
+        (lambda m: m.update({META_KEY: json.dumps({**json.loads(m[META_KEY]),
+                                                   "normalization": {"percentiles": [90, 10], "per": "image"}})}),
+         "percentiles"),
+        (lambda m: m.update({META_KEY: json.dumps({**json.loads(m[META_KEY]),
+                                                   "config": {"in_channels": "__import__('os')"}})}),
+         "must be an integer"),
+    ],
+    ids=["missing", "malformed", "architecture", "classes", "percentiles", "config-type"],
+)
+def test_bad_metadata_is_rejected(saved_model, tmp_path, edit, match):
+    bad = tmp_path / "bad.safetensors"
+    _rewrite_metadata(saved_model, bad, edit)
+    with pytest.raises(BadInputError, match=match):
+        load_model(bad)
+
+
+def test_other_architecture_weights_rejected(tmp_path):
+    model = new_model("nuclei")
+    other = new_model("nuclei", config=__import__("napari_jointattn").model.DenseUNetConfig(growth=8))
+    save_model(other, tmp_path / "other.safetensors")
+    src = tmp_path / "other.safetensors"
+    # metadata says the default architecture, weights are of a narrower one
+    _rewrite_metadata(src, tmp_path / "mismatch.safetensors",
+                      lambda m: m.update({META_KEY: json.dumps({**json.loads(m[META_KEY]),
+                                                                "config": model.config.to_dict()})}))
+    with pytest.raises(BadInputError, match="has shape"):
+        load_model(tmp_path / "mismatch.safetensors")
+
+
+def test_truncated_and_pickle_files_never_execute(saved_model, tmp_path):
+    import pickle
+
+    trunc = tmp_path / "trunc.safetensors"
+    trunc.write_bytes(saved_model.read_bytes()[:5000])
+    with pytest.raises(BadInputError, match="not a valid safetensors"):
+        load_model(trunc)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(BadInputError):
+        load_model(evil)
+    assert not marker.exists()
+
+
+def test_model_names(tmp_path, model_dir, monkeypatch):
+    with pytest.raises(BadInputError, match="not found"):
+        resolve_model("../../etc/passwd.safetensors")
+    with pytest.raises(BadInputError, match="not found"):
+        resolve_model("sub/dir/model")
+    with pytest.raises(BadInputError, match="unknown model 'nope'"):
+        resolve_model("nope")
+    save_model(new_model("nuclei"), model_dir / "mine.safetensors")
+    assert resolve_model("mine") == model_dir / "mine.safetensors"
+    assert load_model("mine").classes == ["background", "nucleus"]
+    assert read_metadata(model_dir / "mine.safetensors")["name"] == "nuclei"
+
+
+# ----------------------------------------------------------------- labels
+def test_label_rule():
+    inst = np.array([[0, 3], [7, 0]])
+    np.testing.assert_array_equal(to_classes(inst, 2), [[0, 1], [1, 0]])
+    np.testing.assert_array_equal(to_classes(np.array([0, 1, 2]), 3), [0, 1, 2])
+    with pytest.raises(BadInputError, match="label value 3 is not a class"):
+        to_classes(np.array([0, 3]), 3)
+    with pytest.raises(BadInputError, match="negative"):
+        to_classes(np.array([0, -1]), 3)
+
+
+# ---------------------------------------------------------------- metrics
+def test_overlap_metrics_against_hand_counts():
+    truth = np.array([[1, 1, 0, 0]])
+    pred = np.array([[1, 0, 1, 0]])
+    s = overlap_scores(confusion(pred, truth, 2))
+    assert s["dice"][1] == pytest.approx(0.5)
+    assert s["iou"][1] == pytest.approx(1 / 3)
+    assert s["precision"][1] == pytest.approx(0.5) and s["recall"][1] == pytest.approx(0.5)
+
+
+def test_instance_matching():
+    truth = np.zeros((10, 30), int)
+    truth[2:8, 2:8] = 1
+    truth[2:8, 12:18] = 2
+    truth[2:8, 22:28] = 3
+    pred = np.zeros_like(truth)
+    pred[2:8, 2:8] = 5  # exact
+    pred[2:8, 12:14] = 6  # IoU 1/3: a miss
+    pred[0:2, 0:2] = 9  # spurious
+    assert match_instances(pred, truth) == (1, 2, 2)
+
+
+def test_evaluate_perfect_model(blobs, tmp_path, monkeypatch):
+    image, labels = blobs
+    model = new_model("nuclei")
+    from napari_jointattn.engine import evaluation as ev
+    from napari_jointattn.engine.inference import Segmentation
+
+    # a model that returns the truth exactly: scores must be perfect
+    monkeypatch.setattr(ev, "segment", lambda *a, **k: Segmentation(labels=labels, instances=True))
+    out = ev.evaluate(model, [image], [labels])
+    assert out["mean_dice"] == 1.0 and out["instance_f1"] == 1.0
+    assert out["per_class"]["nucleus"]["hd95"] == 0.0
+    with pytest.raises(BadInputError, match="have shape"):
+        ev.evaluate(model, [image], [labels[:-1]])
+
+
+def test_evaluate_real_model_scores_in_range(blobs):
+    image, labels = blobs
+    out = evaluate(new_model("nuclei", seed=0), [image], [labels])
+    json.dumps(out)
+    assert set(out) >= {"mean_dice", "mean_iou", "precision", "recall", "hd95", "instance_f1"}
+    d = out["mean_dice"]
+    assert d is None or 0 <= d <= 1
