@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 bash scripts/setup.sh
+# napari runs on any Qt binding; we install and pin PyQt6 (its PyQt5 support is deprecated)
+export QT_API="${QT_API:-pyqt6}"
 cmd="${1:-demo}"
 shift || true
 case "$cmd" in

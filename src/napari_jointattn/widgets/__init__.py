@@ -1,0 +1,1 @@
+"""The napari front: thin Qt docks on the engine."""

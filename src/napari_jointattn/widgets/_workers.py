@@ -1,0 +1,48 @@
+"""Running engine work off the GUI thread, with progress delivered on the GUI thread."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from qtpy.QtCore import QObject, Signal
+
+SYNC_ENV = "NAPARI_JOINTATTN_SYNC"
+
+
+def synchronous() -> bool:
+    """Workers run in the calling thread when ``NAPARI_JOINTATTN_SYNC=1`` (deterministic tests)."""
+    return os.environ.get(SYNC_ENV, "") not in ("", "0", "false", "no")
+
+
+class ProgressBridge(QObject):
+    """Emitting from a worker thread queues the call onto the GUI thread (Qt AutoConnection)."""
+
+    progress = Signal(object)
+
+
+def start(
+    func: Callable[[], object],
+    on_done: Callable[[object], None],
+    on_error: Callable[[BaseException], None],
+    on_finished: Callable[[], None],
+):
+    """Run ``func`` in a napari thread worker; return the worker (None when synchronous)."""
+    if synchronous():
+        try:
+            result = func()
+        except Exception as exc:  # reported like a worker error
+            on_error(exc)
+        else:
+            on_done(result)
+        finally:
+            on_finished()
+        return None
+    from napari.qt.threading import create_worker
+
+    worker = create_worker(func, _start_thread=False)
+    worker.returned.connect(on_done)
+    worker.errored.connect(on_error)
+    worker.finished.connect(on_finished)
+    worker.start()
+    return worker

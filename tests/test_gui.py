@@ -1,0 +1,185 @@
+"""The napari front under a real (virtual) X server: drawing, the Segment dock."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from napari_jointattn.engine.models import new_model, save_model
+
+pytest.importorskip("napari")
+
+
+@pytest.fixture
+def bright_model(model_dir):
+    """A saved model made deterministic: foreground where the input is bright."""
+    model = new_model("nuclei", seed=0)
+    with torch.no_grad():
+        model.net.classifier.weight.zero_()
+        model.net.classifier.bias.zero_()
+        refine_in = model.net.refine[0]
+        refine_in.weight.zero_()
+        refine_in.bias.zero_()
+        # refine sees [logits(2), image(1)]: put +image on class 1, -image on class 0
+        refine_in.weight[0, 2, 1, 1] = 1.0
+        refine_out = model.net.refine[2]
+        refine_out.weight.zero_()
+        refine_out.bias.copy_(torch.tensor([2.0, -2.0]))
+        refine_out.weight[0, 0, 0, 0] = -8.0
+        refine_out.weight[1, 0, 0, 0] = 8.0
+    model.postprocess = {"instances": True, "min_size": 5, "min_distance": 4}
+    return save_model(model, model_dir / "bright.safetensors")
+
+
+@pytest.fixture
+def dock(make_napari_viewer, bright_model):
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-jointattn", "Segment")
+    widget.set_model(str(bright_model))
+    return viewer, widget
+
+
+def wait_idle(qtbot, widget, timeout=60_000):
+    qtbot.waitUntil(lambda: not widget.controller.running, timeout=timeout)
+
+
+def test_viewer_draws_under_xvfb(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    img = np.zeros((64, 64), np.float32)
+    img[16:48, 16:48] = 1
+    viewer.add_image(img)
+    shot = viewer.screenshot(canvas_only=True, flash=False)
+    assert shot.ndim == 3 and shot.shape[-1] == 4
+    # a bright square on black: the canvas really rendered both
+    grey = shot[..., :3].mean(-1)
+    assert grey.max() > 200 and grey.min() < 50
+
+
+def test_segment_creates_labels_with_objects(qtbot, dock, blobs):
+    viewer, widget = dock
+    image, truth = blobs
+    viewer.add_image(image, name="cells", scale=(0.5, 0.5), translate=(3, 4))
+    assert widget.image_combo.currentText() == "cells"
+    widget.segment_button.click()
+    wait_idle(qtbot, widget)
+    layer = viewer.layers["cells labels"]
+    assert layer.data.shape == image.shape
+    assert tuple(layer.scale) == (0.5, 0.5) and tuple(layer.translate) == (3, 4)
+    assert layer.data.max() == truth.max()  # six disks, six objects
+    assert not [l for l in viewer.layers if l.name.startswith("attention")]
+    assert "Device used: cpu" in widget.device_label.text()
+
+
+def test_attention_layers_only_when_asked(qtbot, dock, blobs):
+    viewer, widget = dock
+    viewer.add_image(blobs[0], name="cells")
+    widget.attention_check.setChecked(True)
+    widget.segment_button.click()
+    wait_idle(qtbot, widget)
+    names = [l.name for l in viewer.layers]
+    assert "attention joint 1/8" in names and "attention joint 1/32 mix" in names
+    assert viewer.layers["attention joint 1/8"].data.shape == blobs[0].shape
+    widget.attention_check.setChecked(False)
+    assert not viewer.layers["attention joint 1/8"].visible
+
+
+def test_undo_reverts_the_whole_run(qtbot, dock, blobs):
+    viewer, widget = dock
+    image, _ = blobs
+    viewer.add_image(image, name="cells")
+    widget.segment_button.click()
+    wait_idle(qtbot, widget)
+    layer = viewer.layers["cells labels"]
+    # the user corrects: paints a new object
+    layer.data_setitem(np.nonzero(np.pad(np.ones((5, 5), bool), ((40, 51), (50, 65)))), 99)
+    corrected = layer.data.copy()
+    viewer.layers.selection.active = viewer.layers["cells"]
+    widget.segment_button.click()
+    wait_idle(qtbot, widget)
+    assert viewer.layers["cells labels"] is layer  # updated, not duplicated
+    assert not np.array_equal(layer.data, corrected)
+    layer.undo()
+    np.testing.assert_array_equal(layer.data, corrected)
+
+
+def test_cancel_leaves_no_layer(qtbot, dock):
+    viewer, widget = dock
+    viewer.add_image(np.random.rand(1024, 1024).astype(np.float32), name="big")
+    widget.tile_spin.setValue(128)
+    n_layers = len(viewer.layers)
+    widget.segment_button.click()
+    qtbot.waitUntil(lambda: widget._progress is not None and widget._progress.n > 0, timeout=30_000)
+    widget.cancel_button.click()
+    wait_idle(qtbot, widget)
+    assert len(viewer.layers) == n_layers
+    assert "Cancelled" in widget.status.text()
+
+
+def test_double_click_runs_one_worker(qtbot, dock, blobs, monkeypatch):
+    viewer, widget = dock
+    viewer.add_image(blobs[0], name="cells")
+    calls = []
+    real = widget.controller.run
+    monkeypatch.setattr(widget.controller, "run", lambda *a, **k: calls.append(1) or real(*a, **k))
+    widget.segment_button.click()
+    widget.segment()  # a second click while the first runs
+    wait_idle(qtbot, widget)
+    assert len(calls) == 1
+    assert [l.name for l in viewer.layers].count("cells labels") == 1
+
+
+def test_input_layer_removed_while_running(qtbot, dock):
+    viewer, widget = dock
+    viewer.add_image(np.random.rand(768, 768).astype(np.float32), name="doomed")
+    viewer.add_labels(np.zeros((10, 10), np.uint8), name="mine")
+    widget.tile_spin.setValue(128)
+    widget.segment_button.click()
+    viewer.layers.remove("doomed")
+    wait_idle(qtbot, widget)
+    assert [l.name for l in viewer.layers] == ["mine"]
+    assert "removed" in widget.status.text()
+
+
+def test_stack_current_slice_only(qtbot, dock, blobs):
+    viewer, widget = dock
+    image, _ = blobs
+    stack = np.stack([image, image, image])
+    viewer.add_image(stack, name="stack")
+    viewer.dims.set_current_step(0, 1)
+    widget.segment_button.click()
+    wait_idle(qtbot, widget)
+    labels = viewer.layers["stack labels"].data
+    assert labels.shape == stack.shape
+    assert labels[1].max() > 0 and labels[0].max() == 0 and labels[2].max() == 0
+    widget.stack_combo.setCurrentText("whole stack")
+    widget.segment_button.click()
+    wait_idle(qtbot, widget)
+    assert all(viewer.layers["stack labels"].data[z].max() > 0 for z in range(3))
+
+
+def test_rgb_input(qtbot, dock, blobs):
+    viewer, widget = dock
+    image, _ = blobs
+    rgb = np.repeat((image / image.max() * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    viewer.add_image(rgb, name="rgb", rgb=True)
+    widget.segment_button.click()
+    wait_idle(qtbot, widget)
+    assert viewer.layers["rgb labels"].data.shape == image.shape
+
+
+def test_gui_stays_responsive_while_segmenting(qtbot, dock):
+    from qtpy.QtCore import QTimer
+
+    viewer, widget = dock
+    viewer.add_image(np.random.rand(1536, 1536).astype(np.float32), name="large")
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(20)
+    widget.segment_button.click()
+    wait_idle(qtbot, widget, timeout=120_000)
+    timer.stop()
+    gaps = np.diff(ticks)
+    assert len(ticks) > 10
+    assert gaps.max() < 1.0, f"event loop blocked for {gaps.max():.2f} s"
