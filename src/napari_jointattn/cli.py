@@ -1,4 +1,4 @@
-"""Command line: ``napari-jointattn segment | evaluate | models``.
+"""Command line: ``napari-jointattn segment | evaluate | train | models``.
 
 Bad input exits with status 2 and one line on stderr, never a traceback, and
 never leaves a partial output file (every write is atomic).
@@ -46,6 +46,25 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", action="append", required=True, metavar="L")
     _device_args(e)
     e.add_argument("--axis", type=int, default=None)
+
+    t = sub.add_parser("train", help="train or fine-tune a model on annotated images")
+    t.add_argument("--image", action="append", required=True, metavar="I")
+    t.add_argument("--labels", action="append", required=True, metavar="L",
+                   help="label image for the preceding --image (0 everywhere = unannotated)")
+    t.add_argument("--mask", action="append", metavar="M",
+                   help="optional annotated-region mask per image (nonzero = annotated)")
+    t.add_argument("--from", dest="start", default="nuclei", metavar="PRESET|PATH",
+                   help="start model (default: nuclei)")
+    t.add_argument("--out", required=True, metavar="OUT.safetensors")
+    t.add_argument("--classes", help="comma-separated class names (default: the start model's)")
+    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--max-seconds", type=float, default=None)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--no-augment", action="store_true")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--axis", type=int, default=None)
+    t.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
 
     m = sub.add_parser("models", help="list presets and saved models")
     m.add_argument("--json", action="store_true", help="print full metadata as JSON")
@@ -152,6 +171,58 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    import signal
+
+    from .engine.devices import resolve_device
+    from .engine.errors import BadInputError
+    from .engine.imageio import read_image, read_labels
+    from .engine.training import train
+
+    resolve_device(args.device)
+    if len(args.image) != len(args.labels):
+        raise BadInputError(f"{len(args.image)} --image but {len(args.labels)} --labels")
+    if args.mask and len(args.mask) != len(args.image):
+        raise BadInputError(f"{len(args.mask)} --mask for {len(args.image)} --image")
+    if not args.out.endswith(".safetensors"):
+        raise BadInputError(f"--out must end in .safetensors: {args.out}")
+    images = [read_image(p) for p in args.image]
+    labels = [read_labels(p) for p in args.labels]
+    masks = [read_labels(p) != 0 for p in args.mask] if args.mask else None
+    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
+
+    from tqdm import tqdm
+
+    bar = tqdm(desc="train", unit="step", file=sys.stderr, disable=not sys.stderr.isatty())
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        interrupted.append(True)
+
+    def callback(info):
+        bar.total = info["epochs"] * info["steps"]
+        bar.n = (info["epoch"] - 1) * info["steps"] + info["step"]
+        bar.set_postfix(loss=f"{info['loss']:.3f}", best=f"{info['best_dice']:.3f}")
+        if info.get("epoch_end"):
+            print(f"epoch {info['epoch']}: loss {info['loss']:.4f}, validation Dice {info['val_dice']:.4f}",
+                  file=sys.stderr)
+        return not interrupted
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = train(args.start, images, labels, masks=masks, axis=args.axis, classes=classes,
+                       out=args.out, epochs=args.epochs, max_seconds=args.max_seconds, lr=args.lr,
+                       val_fraction=args.val_fraction, augment=not args.no_augment, seed=args.seed,
+                       device=args.device, callback=callback)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        bar.close()
+    print(f"{result.path}: best validation Dice {result.best_dice:.4f} (epoch {result.best_epoch}), "
+          f"stopped by {result.stopped}, {result.seconds:.0f} s on {result.device}; "
+          f"split {result.summary['split']}")
+    return 130 if interrupted else 0
+
+
 def cmd_models(args) -> int:
     from .engine.errors import BadInputError
     from .engine.models import PRESET_DIR, model_dir, read_metadata, saved_models
@@ -192,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     from .engine.errors import BadInputError, Cancelled
 
     try:
-        return {"segment": cmd_segment, "evaluate": cmd_evaluate, "models": cmd_models}[
+        return {"segment": cmd_segment, "evaluate": cmd_evaluate, "train": cmd_train,
+                "models": cmd_models}[
             args.command
         ](args)
     except BadInputError as exc:
