@@ -28,12 +28,15 @@ fi
 # would pull a multi-GB CUDA build onto a CPU-only machine).
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
     echo "setup: installing torch (CPU build)"
-    "$PYTHON" -m pip install -q "torch==2.13.0"
+    "$PYTHON" -m pip install -q --root-user-action=ignore "torch==2.13.0"
 fi
 
-if ! "$PYTHON" -c "import napari_jointattn, pytest, pytestqt, napari, monai" >/dev/null 2>&1 \
-    || [ "${FORCE_INSTALL:-0}" = 1 ] || [ pyproject.toml -nt .setup-stamp ]; then
+# (Re)install when anything is missing, when pyproject.toml changed, or when the
+# installed package is another checkout's (an editable install points elsewhere).
+here="$(pwd -P)/src/napari_jointattn"
+installed="$("$PYTHON" -c "import os, napari_jointattn, pytest, pytestqt, napari, monai, PyQt6; print(os.path.dirname(os.path.realpath(napari_jointattn.__file__)))" 2>/dev/null || true)"
+if [ "$installed" != "$here" ] || [ "${FORCE_INSTALL:-0}" = 1 ] || [ pyproject.toml -nt .setup-stamp ]; then
     echo "setup: installing napari-jointattn and its dependencies"
-    "$PYTHON" -m pip install -q -e ".[testing]"
+    "$PYTHON" -m pip install -q --root-user-action=ignore -e ".[testing]"
     touch .setup-stamp
 fi

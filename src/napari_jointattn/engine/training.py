@@ -53,7 +53,7 @@ class TrainSettings:
     patience: int = 8
     augment: bool = True
     scale_range: tuple[float, float] = (0.75, 1.33)
-    bias_field: bool = False
+    bias_field: float = 0.0
     seed: int = 0
     device: str = "auto"
 
@@ -271,18 +271,28 @@ def _geometric(x, t, m, w, rng):
     return apply(x, (2, 3)), apply(t, (1, 2)), apply(m, (1, 2)), apply(w, (1, 2))
 
 
-def _intensity(x: torch.Tensor, rng: np.random.Generator, bias_field: bool) -> torch.Tensor:
+def _intensity(x: torch.Tensor, rng: np.random.Generator, bias_field: float) -> torch.Tensor:
+    """Contrast, brightness, gamma, a smooth multiplicative field, noise.
+
+    ``bias_field`` is the log-amplitude of a smooth random field over a 3x3
+    to 8x8 grid: it makes some objects much dimmer than others in the same crop, as
+    in real images where a few bright cells set the top percentile (and as an
+    MRI bias field does).
+    """
     b = x.shape[0]
-    contrast = torch.from_numpy(rng.uniform(0.7, 1.4, (b, 1, 1, 1)).astype(np.float32))
-    shift = torch.from_numpy(rng.uniform(-0.15, 0.15, (b, 1, 1, 1)).astype(np.float32))
-    x = x * contrast + shift
-    gamma = torch.from_numpy(rng.uniform(0.7, 1.5, (b, 1, 1, 1)).astype(np.float32))
-    x = torch.sign(x) * x.abs().pow(gamma)
-    if bias_field:
-        coarse = torch.from_numpy(rng.normal(0, 0.15, (b, 1, 3, 3)).astype(np.float32))
+
+    def loguniform(lo: float, hi: float) -> torch.Tensor:
+        return torch.from_numpy(np.exp(rng.uniform(np.log(lo), np.log(hi), (b, 1, 1, 1))).astype(np.float32))
+
+    x = x * loguniform(0.3, 1.5)
+    x = x + torch.from_numpy(rng.uniform(-0.1, 0.1, (b, 1, 1, 1)).astype(np.float32))
+    x = torch.sign(x) * x.abs().pow(loguniform(0.6, 1.6))
+    if bias_field > 0:
+        grid = int(rng.integers(3, 9))
+        coarse = torch.from_numpy(rng.normal(0, bias_field, (b, 1, grid, grid)).astype(np.float32))
         field_ = F.interpolate(coarse, size=x.shape[-2:], mode="bicubic", align_corners=True)
         x = x * torch.exp(field_)
-    sigma = torch.from_numpy(rng.uniform(0, 0.08, (b, 1, 1, 1)).astype(np.float32))
+    sigma = torch.from_numpy(rng.uniform(0, 0.06, (b, 1, 1, 1)).astype(np.float32))
     gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
     return x + sigma * torch.randn(x.shape, generator=gen)
 

@@ -24,6 +24,21 @@ from torch import Tensor, nn
 from .attention import JOINT_FORMS, KINDS, UnifiedAttention, make_attention
 
 ATTENTION_CHOICES = ("none",) + KINDS
+NORMS = ("group", "batch")
+
+
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """GroupNorm (default) or BatchNorm.
+
+    GroupNorm normalises each image by its own statistics: models generalise
+    across images whose feature statistics differ from the training set's
+    (BatchNorm's running averages did not), and fine-tuning works with tiny
+    batches.
+    """
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    groups = max(g for g in range(1, 9) if channels % g == 0)
+    return nn.GroupNorm(groups, channels)
 
 
 @dataclass
@@ -45,6 +60,7 @@ class DenseUNetConfig:
     attention_levels: tuple[int, ...] = (1, 2, 3)
     attention_dim: int = 32
     dropout: float = 0.1
+    norm: str = "group"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,6 +99,8 @@ class DenseUNetConfig:
             raise ValueError(
                 f"attention must be one of {ATTENTION_CHOICES}, got {self.attention!r}"
             )
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
         if self.joint_form not in JOINT_FORMS:
             raise ValueError(f"joint_form must be one of {JOINT_FORMS}, got {self.joint_form!r}")
         for level in self.attention_levels:
@@ -129,14 +147,14 @@ class DenseLayer(nn.Module):
     (B, C, H, W) -> (B, C + k, H, W).
     """
 
-    def __init__(self, in_channels: int, growth: int, bottleneck: int) -> None:
+    def __init__(self, in_channels: int, growth: int, bottleneck: int, norm: str = "group") -> None:
         super().__init__()
         mid = bottleneck * growth
         self.body = nn.Sequential(
-            nn.BatchNorm2d(in_channels),
+            norm_layer(norm, in_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(in_channels, mid, 1, bias=False),
-            nn.BatchNorm2d(mid),
+            norm_layer(norm, mid),
             nn.ReLU(inplace=True),
             nn.Conv2d(mid, growth, 3, padding=1, bias=False),
         )
@@ -148,10 +166,10 @@ class DenseLayer(nn.Module):
 class Transition(nn.Module):
     """BN-ReLU-1x1 (compression) then 2x2 average pooling. Halves H and W."""
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, norm: str = "group") -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.BatchNorm2d(in_channels),
+            norm_layer(norm, in_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(in_channels, out_channels, 1, bias=False),
             nn.AvgPool2d(2),
@@ -161,10 +179,12 @@ class Transition(nn.Module):
         return self.body(x)
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1):
+def conv_bn_relu(
+    in_channels: int, out_channels: int, kernel: int = 3, stride: int = 1, norm: str = "group"
+):
     return nn.Sequential(
         nn.Conv2d(in_channels, out_channels, kernel, stride, kernel // 2, bias=False),
-        nn.BatchNorm2d(out_channels),
+        norm_layer(norm, out_channels),
         nn.ReLU(inplace=True),
     )
 
@@ -186,7 +206,7 @@ class DenseUNet(nn.Module):
         c = config
         # Stem: 3x3/2 conv (kept as the 1/2-scale skip) then 2x2 max-pool, as
         # DenseNet's stem reaches 1/4 before the first dense block.
-        self.stem = conv_bn_relu(c.in_channels, c.stem_channels, 3, stride=2)
+        self.stem = conv_bn_relu(c.in_channels, c.stem_channels, 3, stride=2, norm=c.norm)
         self.pool = nn.MaxPool2d(2)
 
         self.blocks = nn.ModuleList()
@@ -197,7 +217,7 @@ class DenseUNet(nn.Module):
         for level, n_layers in enumerate(c.block_layers):
             layers = []
             for _ in range(n_layers):
-                layers.append(DenseLayer(ch, c.growth, c.bottleneck))
+                layers.append(DenseLayer(ch, c.growth, c.bottleneck, c.norm))
                 ch += c.growth
             self.blocks.append(nn.Sequential(*layers))
             if c.attention != "none" and level in c.attention_levels:
@@ -211,18 +231,18 @@ class DenseUNet(nn.Module):
             skip_channels.append(ch)
             if level < len(c.block_layers) - 1:
                 out = max(1, int(math.floor(ch * c.compression)))
-                self.transitions.append(Transition(ch, out))
+                self.transitions.append(Transition(ch, out, c.norm))
                 ch = out
 
         # Decoder: from the deepest block up to 1/2 (the stem), adding the
         # same-scale encoder feature after each x2 upsampling (H-DenseUNet).
         dec = c.decoder_channels
-        self.bridge = conv_bn_relu(skip_channels[-1], dec[0], kernel=1)
+        self.bridge = conv_bn_relu(skip_channels[-1], dec[0], kernel=1, norm=c.norm)
         self.laterals = nn.ModuleList()
         self.fuse = nn.ModuleList()
         for i, skip_ch in enumerate(reversed(skip_channels[:-1])):
             self.laterals.append(nn.Conv2d(skip_ch, dec[i], 1, bias=False))
-            self.fuse.append(conv_bn_relu(dec[i], dec[i + 1]))
+            self.fuse.append(conv_bn_relu(dec[i], dec[i + 1], norm=c.norm))
         self.dropout = nn.Dropout2d(c.dropout)
         n_out = c.num_classes + c.aux_channels
         self.classifier = nn.Conv2d(dec[-1], n_out, 1)

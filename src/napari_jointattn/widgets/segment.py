@@ -155,6 +155,53 @@ class SegmentController:
         except Cancelled:
             return None
 
+    def query(self, layer_name: str, model_key: str, world_position, tile: int = 512,
+              channel_axis: int | None = None):
+        """Where the clicked pixel's global attention looks: (QueryResult, LayerInput).
+
+        Runs on the GUI thread: the first click in a tile costs one forward
+        pass of that tile, later clicks in it a single attention row.
+        """
+        from ..engine.query import AttentionQuery
+
+        if layer_name not in self.viewer.layers:
+            raise BadInputError("choose an image layer first")
+        layer = self.viewer.layers[layer_name]
+        inp = layer_input(layer, channel_axis)
+        if len(inp.spatial_shape) not in (2, 3):
+            raise BadInputError("query mode works on 2-D images and 3-D stacks")
+        key = (layer.unique_id, model_key, int(tile), inp.channel_axis)
+        if getattr(self, "_query_key", None) != key:
+            self._query = AttentionQuery(self.model(model_key), inp.data, tile=tile,
+                                         channel_axis=inp.channel_axis)
+            self._query_key = key
+        coords = np.asarray(layer.world_to_data(world_position))
+        if inp.channel_axis is not None and not getattr(layer, "rgb", False):
+            coords = np.delete(coords, inp.channel_axis)
+        coords = coords[-len(inp.spatial_shape):]
+        z = int(round(coords[0])) if len(inp.spatial_shape) == 3 else None
+        point = (int(np.floor(coords[-2] + 0.5)), int(np.floor(coords[-1] + 0.5)))
+        return self._query.query(point, z), inp
+
+    def show_query(self, result, inp: LayerInput):
+        """Put a query heatmap into the ``attention query`` layer over its tile."""
+        scale = inp.scale[-2:]
+        translate = tuple(t + o * sc for t, o, sc in zip(inp.translate[-2:], result.origin, scale))
+        name = "attention query"
+        heat = result.heatmap / max(float(result.heatmap.max()), 1e-12)
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            layer.data = heat
+            layer.translate = translate
+            layer.scale = scale
+        else:
+            layer = self.viewer.add_image(heat, name=name, colormap="magma", blending="additive",
+                                          opacity=0.8, contrast_limits=(0.0, 1.0), scale=scale,
+                                          translate=translate)
+        layer.metadata.update({"module": result.module, "origin": result.origin,
+                               "slice": result.slice_index})
+        return layer
+
     def apply(self, request: Request, result) -> list:
         """Put a result into layers (GUI thread). Returns the layers touched."""
         layers = self.viewer.layers
@@ -197,6 +244,7 @@ class SegmentDock(QWidget):
         self.stack_combo = QComboBox()
         self.stack_combo.addItems(["current slice", "whole stack"])
         self.attention_check = QCheckBox("Show attention")
+        self.query_check = QCheckBox("Query mode: click a pixel to see where it looks")
         self.segment_button = QPushButton("Segment")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
@@ -220,6 +268,7 @@ class SegmentDock(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.attention_check)
+        layout.addWidget(self.query_check)
         layout.addLayout(buttons)
         layout.addWidget(self.device_label)
         layout.addWidget(self.status)
@@ -230,6 +279,7 @@ class SegmentDock(QWidget):
         self.browse_button.clicked.connect(self._browse)
         self.image_combo.currentTextChanged.connect(self._update_channel_choices)
         self.attention_check.toggled.connect(self._toggle_attention_layers)
+        self.query_check.toggled.connect(self._toggle_query)
         events = self.viewer.layers.events
         for ev in (events.inserted, events.removed, events.moved):
             ev.connect(self.refresh_layers)
@@ -376,6 +426,32 @@ class SegmentDock(QWidget):
 
         self.status.setText(message)
         show_error(message)
+
+    def _toggle_query(self, checked: bool) -> None:
+        callbacks = self.viewer.mouse_drag_callbacks
+        if checked and self._on_click not in callbacks:
+            callbacks.append(self._on_click)
+        elif not checked and self._on_click in callbacks:
+            callbacks.remove(self._on_click)
+
+    def _on_click(self, viewer, event) -> None:
+        if event.type != "mouse_press":
+            return
+        self.query_at(event.position)
+
+    def query_at(self, world_position):
+        """Show where the pixel at ``world_position`` looks (query mode's click)."""
+        try:
+            result, inp = self.controller.query(
+                self.image_combo.currentText(), self.model_combo.currentData(), world_position,
+                self.tile_spin.value(), self.channel_combo.currentData(),
+            )
+        except BadInputError as exc:
+            self._notify_error(str(exc))
+            return None
+        layer = self.controller.show_query(result, inp)
+        self.status.setText(f"Query: where this pixel looks ({result.module}, tile at {result.origin})")
+        return layer
 
     def _toggle_attention_layers(self, checked: bool) -> None:
         from .layers import attention_layers
