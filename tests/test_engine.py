@@ -147,16 +147,22 @@ def test_prepare_channels_rules():
 
 # ------------------------------------------------------------ segmentation
 def test_segment_shapes_dtypes_and_tiling_consistency(blobs):
+    from napari_jointattn.model import DenseUNetConfig
+
     image, _ = blobs
-    model = new_model("nuclei", seed=1)
+    # a purely local network (no attention, BatchNorm in eval mode is a fixed
+    # affine map): tiles may differ from the whole image only at their borders,
+    # which the Gaussian blending down-weights
+    cfg = DenseUNetConfig(attention="none", norm="batch")
+    model = new_model("nuclei", config=cfg, seed=1)
+    model.postprocess = {"instances": False}
     big = segment(image, model, device="cpu", tile=512)
     tiled = segment(image, model, device="cpu", tile=64, overlap=0.5)
     assert big.labels.shape == image.shape == tiled.labels.shape
-    assert big.device == "cpu"
+    assert big.labels.dtype == np.uint8 and big.device == "cpu"
     assert count_windows(image.shape, 64, 0.5) > 1
-    # semantic agreement between tiled and untiled inference
-    agree = ((big.labels > 0) == (tiled.labels > 0)).mean()
-    assert agree > 0.9
+    agree = (big.labels == tiled.labels).mean()
+    assert agree > 0.95
 
 
 def test_segment_stack_axis_and_slices():

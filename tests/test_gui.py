@@ -183,3 +183,37 @@ def test_gui_stays_responsive_while_segmenting(qtbot, dock):
     gaps = np.diff(ticks)
     assert len(ticks) > 10
     assert gaps.max() < 1.0, f"event loop blocked for {gaps.max():.2f} s"
+
+
+def test_query_mode_heatmap_follows_the_click(qtbot, dock, blobs):
+    viewer, widget = dock
+    image, _ = blobs
+    viewer.add_image(np.tile(image, (2, 2)), name="cells")
+    widget.tile_spin.setValue(128)
+    widget.query_check.setChecked(True)
+    assert widget._on_click in viewer.mouse_drag_callbacks
+    start = time.perf_counter()
+    widget.query_at((20, 20))
+    first = viewer.layers["attention query"].data.copy()
+    widget.query_at((75, 80))  # same tile, another pixel
+    elapsed = time.perf_counter() - start
+    second = viewer.layers["attention query"].data.copy()
+    assert first.shape == (128, 128)
+    assert not np.allclose(first, second)
+    widget.query_at((150, 200))  # another tile: the heatmap moves there
+    layer = viewer.layers["attention query"]
+    assert tuple(layer.translate) == (64.0, 112.0)  # the 128 tile, clipped to the 192 x 240 image
+    assert elapsed < 5.0  # generous: two clicks, one forward pass of a 128 tile
+    widget.query_check.setChecked(False)
+    assert widget._on_click not in viewer.mouse_drag_callbacks
+
+
+def test_sample_data_opens(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-jointattn", "nuclei")
+    viewer.open_sample("napari-jointattn", "brain-mri")
+    nuclei, brain = viewer.layers["nuclei"], viewer.layers["brain T1"]
+    assert nuclei.data.shape == (512, 512) and nuclei.data.std() > 0
+    # FSL MNI152 2 mm (91 x 109 x 91 voxels) as axial slices, 2 mm voxels
+    assert brain.data.shape == (91, 109, 91) and tuple(brain.scale) == (2.0, 2.0, 2.0)
+    assert brain.data.std() > 0
