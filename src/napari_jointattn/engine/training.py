@@ -17,6 +17,7 @@ Rules (documented in docs/training.md):
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import random
@@ -411,6 +412,7 @@ def train(
     name: str | None = None,
     provenance: dict | None = None,
     callback: Callable[[dict], "bool | None"] | None = None,
+    checkpoint: str | os.PathLike | None = None,
     **overrides,
 ) -> TrainResult:
     """Fine-tune ``start`` on annotated images; return the best model (and save it to ``out``).
@@ -419,6 +421,9 @@ def train(
     "loss", "val_dice", "best_dice", "seconds"}`` after every step and epoch;
     returning ``False`` stops training, keeping the best weights so far.
     ``out`` is written once, atomically, at the end (also after a stop).
+    ``checkpoint``: a file written atomically after every epoch; if it exists
+    when training starts (same data and settings), training resumes from it.
+    It is removed once training has finished.
     """
     settings = settings or TrainSettings()
     for key, value in overrides.items():
@@ -454,13 +459,21 @@ def train(
     t0 = time.perf_counter()
     stale = 0
     stop = None
+    first_epoch = 1
+    fingerprint = json.dumps({"data": summary, "settings": _jsonable(vars(settings))}, sort_keys=True)
+    if checkpoint is not None and os.path.exists(checkpoint):
+        state = _load_checkpoint(checkpoint, net, opt, best_state, rng, fingerprint)
+        best, stale, result.best_epoch = state["best"], state["stale"], state["best_epoch"]
+        result.history = state["history"]
+        first_epoch = state["epoch"] + 1
+        t0 -= state["elapsed"]
 
     def tell(info: dict) -> None:
         nonlocal stop
         if callback is not None and callback({"stage": "train", **info}) is False:
             stop = "stopped"
 
-    for epoch in range(1, settings.epochs + 1):
+    for epoch in range(first_epoch, settings.epochs + 1):
         net.train()
         losses = []
         for step in range(settings.steps_per_epoch):
@@ -491,6 +504,10 @@ def train(
             result.best_epoch = epoch
         else:
             stale += 1
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, net, opt, best_state, rng, fingerprint, {
+                "epoch": epoch, "best": best, "stale": stale, "best_epoch": result.best_epoch,
+                "history": result.history, "elapsed": time.perf_counter() - t0})
         tell({"epoch": epoch, "epochs": settings.epochs, "step": settings.steps_per_epoch,
               "steps": settings.steps_per_epoch, "loss": record["loss"], "val_dice": val,
               "best_dice": best, "seconds": record["seconds"], "epoch_end": True})
@@ -509,7 +526,7 @@ def train(
     model.provenance = {
         "parent": parent_name,
         "data": summary,
-        "settings": {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()},
+        "settings": _jsonable(vars(settings)),
         "training": {"best_epoch": result.best_epoch, "epochs_run": len(result.history) - 1,
                      "stopped": result.stopped, "seconds": round(result.seconds, 1),
                      "device": result.device},
@@ -517,4 +534,53 @@ def train(
     }
     if out is not None:
         result.path = save_model(model, out)
+    if checkpoint is not None and os.path.exists(checkpoint):
+        os.remove(checkpoint)
     return result
+
+
+# ------------------------------------------------------------- checkpoints
+def _jsonable(d: dict) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+def _save_checkpoint(path, net, opt, best_state, rng, fingerprint: str, state: dict) -> None:
+    """Weights, best weights, optimiser and RNG states, counters: one safetensors file."""
+    from safetensors.torch import save
+
+    from .files import write_bytes_atomic
+
+    tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})
+    for idx, slots in opt.state_dict()["state"].items():
+        for name, value in slots.items():
+            tensors[f"opt.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = {"fingerprint": fingerprint, "numpy_rng": rng.bit_generator.state, **state}
+    write_bytes_atomic(path, save(tensors, metadata={"checkpoint": json.dumps(meta)}))
+
+
+def _load_checkpoint(path, net, opt, best_state, rng, fingerprint: str) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            meta = json.loads((fh.metadata() or {})["checkpoint"])
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    except Exception as exc:
+        raise BadInputError(f"cannot resume from {path}: not a training checkpoint ({exc})") from exc
+    if meta.get("fingerprint") != fingerprint:
+        raise BadInputError(f"checkpoint {path} is from a run with other data or settings")
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+    best_state.update({k[5:]: v for k, v in tensors.items() if k.startswith("best.")})
+    opt_state = opt.state_dict()
+    slots: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, idx, name = key.split(".", 2)
+            slots.setdefault(int(idx), {})[name] = value
+    opt_state["state"] = slots
+    opt.load_state_dict(opt_state)
+    torch.set_rng_state(tensors["rng.torch"])
+    rng.bit_generator.state = meta["numpy_rng"]
+    return meta
