@@ -217,6 +217,44 @@ def build_samples(
     return samples, summary
 
 
+def annotation_summary(labels: Sequence[np.ndarray], num_classes: int, classes: Sequence[str],
+                       spatial_dims: Sequence[int] | None = None) -> dict:
+    """What the annotations contain, cheaply (no image data needed): for the docks.
+
+    Returns annotated images and planes (2-D images, or slices along axis 0 of
+    stacks), pixels per class, and a list of warnings (empty when training
+    can go ahead).
+    """
+    counts = np.zeros(num_classes, np.int64)
+    planes = images = 0
+    warnings_: list[str] = []
+    for i, lab in enumerate(labels):
+        lab = np.asarray(lab)
+        cls = to_classes(lab, num_classes)
+        stack = lab.ndim == 3 if spatial_dims is None else spatial_dims[i] == 3
+        per_plane = lab.reshape(lab.shape[0], -1).any(1) if stack else np.array([lab.any()])
+        n = int(per_plane.sum())
+        if n:
+            images += 1
+            planes += n
+            sel = cls[per_plane] if stack else cls
+            counts += np.bincount(sel.ravel(), minlength=num_classes)[:num_classes]
+    if planes == 0:
+        warnings_.append("no annotated pixels: paint some labels first")
+    elif (counts[1:] == 0).all():
+        warnings_.append("only background is annotated: label some objects")
+    elif counts[1:].sum() < 200:
+        warnings_.append(f"very little foreground ({int(counts[1:].sum())} pixels): results will be poor")
+    elif planes < 2 and counts.sum() < 4096:
+        warnings_.append("a single small annotated region: add more for a reliable validation split")
+    return {
+        "images": images,
+        "planes": planes,
+        "pixels_per_class": {classes[c]: int(counts[c]) for c in range(num_classes)},
+        "warnings": warnings_,
+    }
+
+
 # ------------------------------------------------------------ augmentation
 def _crop_batch(samples: list[Sample], settings: TrainSettings, rng: np.random.Generator):
     """Random crops (biased towards annotated pixels) -> tensors."""
@@ -440,7 +478,7 @@ def train(
             raise BadInputError(f"cannot write {out}: folder {parent} does not exist")
     device = resolve_device(settings.device)
     model = start_model(start, classes)
-    parent_name = model.name
+    parent_name = _parent_name(start, model)
     samples, summary = build_samples(
         model, images, labels, masks, weights, axis, channel_axis, settings.val_fraction
     )
@@ -537,6 +575,15 @@ def train(
     if checkpoint is not None and os.path.exists(checkpoint):
         os.remove(checkpoint)
     return result
+
+
+def _parent_name(start, model: Model) -> str:
+    """How provenance names the start model: a file's stem, or a preset's name."""
+    if isinstance(start, Model):
+        return start.path.stem if start.path is not None else start.name
+    if start is not None and (str(start).endswith(".safetensors") or os.path.isfile(start)):
+        return os.path.basename(os.fspath(start)).removesuffix(".safetensors")
+    return str(start) if start is not None else model.name
 
 
 # ------------------------------------------------------------- checkpoints

@@ -8,6 +8,7 @@ napari thread worker, so the viewer stays responsive.
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -212,8 +213,11 @@ class SegmentController:
         self.device_used = result.device
         self.last_result = result
         self.last_request = request
-        out = [write_labels(self.viewer, labels_name(request.layer_name), result.labels,
-                            request.input, request.slices)]
+        layer = write_labels(self.viewer, labels_name(request.layer_name), result.labels,
+                             request.input, request.slices)
+        # what the model said, so the Fine-tune dock can find the user's corrections
+        layer.metadata["jointattn_prediction"] = result.labels
+        out = [layer]
         if request.attention:
             out += show_attention(self.viewer, request.layer_name, result.attention, request.input)
         return out
@@ -222,8 +226,12 @@ class SegmentController:
 class SegmentDock(QWidget):
     """napari dock widget titled "Segment"."""
 
+    #: live docks, so the Fine-tune dock can hand over a new model
+    instances: "weakref.WeakSet[SegmentDock]" = weakref.WeakSet()
+
     def __init__(self, napari_viewer) -> None:
         super().__init__()
+        SegmentDock.instances.add(self)
         self.viewer = napari_viewer
         self.controller = SegmentController(napari_viewer)
         self.worker = None
