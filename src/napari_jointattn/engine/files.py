@@ -27,6 +27,10 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
         raise BadInputError(f"cannot write to {target.parent}: {exc.strerror or exc}") from exc
     os.close(fd)
     tmp_path = Path(tmp)
+    # mkstemp creates 0600; give the file the permissions a plain open() would
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_path, 0o666 & ~umask)
     try:
         yield tmp_path
         os.replace(tmp_path, target)

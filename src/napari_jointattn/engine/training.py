@@ -579,6 +579,13 @@ def train(
 
 def _parent_name(start, model: Model) -> str:
     """How provenance names the start model: a file's stem, or a preset's name."""
+    from .presets import PRESETS
+
+    if isinstance(start, str) and start in PRESETS:
+        from .models import PRESET_DIR
+
+        if not (PRESET_DIR / f"{start}.safetensors").is_file():
+            return f"none (freshly initialised {start} architecture)"
     if isinstance(start, Model):
         return start.path.stem if start.path is not None else start.name
     if start is not None and (str(start).endswith(".safetensors") or os.path.isfile(start)):
