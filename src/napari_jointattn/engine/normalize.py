@@ -47,7 +47,10 @@ def normalize(
     if image.dtype == bool:
         image = image.astype(np.uint8)
     lo, hi = value_range if value_range is not None else percentile_range(image, *percentiles)
-    out = image.astype(np.float32)
+    # float64 input is scaled in float64: values beyond float32's range are
+    # finite data, not NaN/inf
+    work = np.float64 if image.dtype == np.float64 else np.float32
+    out = image.astype(work)
     nonfinite = None
     if image.dtype.kind == "f":
         bad = ~np.isfinite(out)
@@ -60,12 +63,12 @@ def normalize(
             )
             nonfinite = bad
             out[bad] = lo
-    out -= np.float32(lo)
+    out -= work(lo)
     scale = hi - lo
     if scale > 0 and np.isfinite(scale):
-        out *= np.float32(1.0 / scale)
+        out *= work(1.0 / scale)
     else:
         out[...] = 0.0
     # keep extreme outliers from dominating float32 arithmetic downstream
     np.clip(out, -10.0, 10.0, out=out)
-    return out, nonfinite
+    return out.astype(np.float32, copy=False), nonfinite

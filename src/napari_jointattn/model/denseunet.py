@@ -271,7 +271,10 @@ class DenseUNet(nn.Module):
     def _pad(self, x: Tensor) -> Tensor:
         m = self.config.multiple
         h, w = x.shape[-2:]
-        ph, pw = (-h) % m, (-w) % m
+        # at least 2 x 2 cells at the deepest scale, so GroupNorm always has
+        # more than one value per group
+        ph = max(-(-h // m) * m, 2 * m) - h
+        pw = max(-(-w // m) * m, 2 * m) - w
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph), mode="replicate")
         return x
