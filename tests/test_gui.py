@@ -217,3 +217,44 @@ def test_sample_data_opens(make_napari_viewer):
     # FSL MNI152 2 mm (91 x 109 x 91 voxels) as axial slices, 2 mm voxels
     assert brain.data.shape == (91, 109, 91) and tuple(brain.scale) == (2.0, 2.0, 2.0)
     assert brain.data.std() > 0
+
+
+def test_model_file_removed_while_listed(qtbot, dock, blobs, bright_model):
+    viewer, widget = dock
+    viewer.add_image(blobs[0], name="cells")
+    mine = viewer.add_labels(np.ones(blobs[0].shape, np.uint8), name="mine")
+    bright_model.unlink()
+    widget.segment_button.click()
+    wait_idle(qtbot, widget)
+    assert "not found" in widget.status.text()
+    assert [l.name for l in viewer.layers] == ["cells", "mine"] and (mine.data == 1).all()
+
+
+def test_simulated_cuda_oom_notifies_and_falls_back(qtbot, dock, blobs, monkeypatch):
+    from napari_jointattn.engine import inference
+
+    viewer, widget = dock
+    viewer.add_image(blobs[0], name="cells")
+    real = inference.predict_slice
+
+    def fake_predict(model, x, device, tile, *a, **k):
+        if device.type == "cuda":
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(model, x, device, tile, *a, **k)
+
+    monkeypatch.setattr(inference, "predict_slice", fake_predict)
+    monkeypatch.setattr(inference, "resolve_device", lambda d: torch.device("cuda"))
+    monkeypatch.setattr(inference, "describe_device", lambda d: d.type)
+    monkeypatch.setattr(inference, "free_cache", lambda d: None)
+    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+    warnings = []
+    import napari.utils.notifications as notes
+
+    monkeypatch.setattr(notes, "show_warning", lambda msg: warnings.append(msg))
+    widget.tile_spin.setValue(128)
+    widget.segment_button.click()
+    wait_idle(qtbot, widget)
+    assert viewer.layers["cells labels"].data.shape == blobs[0].shape
+    assert "Device used: cpu" in widget.device_label.text()
+    assert any("smaller" in w or "128" in w or "64" in w for w in warnings)
+    assert any("CPU" in w for w in warnings)
