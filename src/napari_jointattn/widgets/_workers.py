@@ -40,8 +40,26 @@ def start(
         return None
     from napari.qt.threading import create_worker
 
-    worker = create_worker(func, _start_thread=False)
-    worker.returned.connect(on_done)
+    class _Failed:
+        def __init__(self, exc: BaseException) -> None:
+            self.exc = exc
+
+    def guarded():
+        # errors travel as values: napari's worker would also report them to
+        # its own exception hook; the dock shows one clear notification instead
+        try:
+            return func()
+        except Exception as exc:
+            return _Failed(exc)
+
+    def returned(value):
+        if isinstance(value, _Failed):
+            on_error(value.exc)
+        else:
+            on_done(value)
+
+    worker = create_worker(guarded, _start_thread=False)
+    worker.returned.connect(returned)
     worker.errored.connect(on_error)
     worker.finished.connect(on_finished)
     worker.start()
