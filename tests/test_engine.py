@@ -1,11 +1,11 @@
 """Engine: reading/writing, normalisation, segmentation, model files, metrics."""
 
 import json
-import struct
 
 import nibabel as nib
 import numpy as np
 import pytest
+from _helpers import rewrite_metadata
 import tifffile
 import torch
 
@@ -294,16 +294,6 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
 
-def _rewrite_metadata(src, dst, edit):
-    raw = src.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
-    edit(header["__metadata__"])
-    new = json.dumps(header).encode()
-    new += b" " * (-len(new) % 8)
-    dst.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
-
-
 @pytest.mark.parametrize(
     "edit,match",
     [
@@ -324,7 +314,7 @@ def _rewrite_metadata(src, dst, edit):
 )
 def test_bad_metadata_is_rejected(saved_model, tmp_path, edit, match):
     bad = tmp_path / "bad.safetensors"
-    _rewrite_metadata(saved_model, bad, edit)
+    rewrite_metadata(saved_model, bad, edit)
     with pytest.raises(BadInputError, match=match):
         load_model(bad)
 
@@ -335,7 +325,7 @@ def test_other_architecture_weights_rejected(tmp_path):
     save_model(other, tmp_path / "other.safetensors")
     src = tmp_path / "other.safetensors"
     # metadata says the default architecture, weights are of a narrower one
-    _rewrite_metadata(src, tmp_path / "mismatch.safetensors",
+    rewrite_metadata(src, tmp_path / "mismatch.safetensors",
                       lambda m: m.update({META_KEY: json.dumps({**json.loads(m[META_KEY]),
                                                                 "config": model.config.to_dict()})}))
     with pytest.raises(BadInputError, match="has shape"):

@@ -17,7 +17,6 @@ from napari_jointattn.model import (
     fused_attention,
     make_attention,
 )
-from napari_jointattn.model import attention as attention_mod
 
 INSTANCES = [
     ("pointwise", {}),

@@ -8,11 +8,11 @@ outside the output folder.
 import errno
 import json
 import pickle
-import struct
 
 import nibabel as nib
 import numpy as np
 import pytest
+from _helpers import rewrite_metadata
 import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -74,16 +74,6 @@ def test_constant_and_extreme_images(tiny_model, value):
 
 
 # ----------------------------------------------------------------- the CLI
-def _write_model_with_meta(src, dst, edit):
-    raw = src.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8 : 8 + n])
-    edit(header["__metadata__"])
-    new = json.dumps(header).encode()
-    new += b" " * (-len(new) % 8)
-    dst.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
-
-
 def _meta(update):
     def edit(m):
         meta = json.loads(m[META_KEY])
@@ -107,7 +97,7 @@ def setup_case(case, d, model):
     def model_case(name, content=None, edit=None):
         p = d / name
         if edit is not None:
-            _write_model_with_meta(model, p, edit)
+            rewrite_metadata(model, p, edit)
         else:
             p.write_bytes(content)
         return ["segment", str(img), "--model", str(p), "--out", str(d / "out")]
@@ -164,7 +154,7 @@ def setup_case(case, d, model):
     if case == "other-architecture":
         # a tiny network's weights under metadata that describes the default network
         other = save_model(new_model(config=TINY, classes=["a", "b"], name="t"), d / "tiny.safetensors")
-        _write_model_with_meta(other, d / "mismatch.safetensors",
+        rewrite_metadata(other, d / "mismatch.safetensors",
                                _meta({"config": new_model("nuclei").config.to_dict()}))
         return ["segment", str(img), "--model", str(d / "mismatch.safetensors"), "--out", str(d / "out")]
     if case == "metadata-missing":

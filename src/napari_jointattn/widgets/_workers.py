@@ -64,3 +64,20 @@ def start(
     worker.finished.connect(on_finished)
     worker.start()
     return worker
+
+
+class WorkerDockMixin:
+    """What both docks do around a worker: end a run, report an error."""
+
+    def _end_run(self) -> None:
+        self.controller.running = False
+        self.worker = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+    def _notify_error(self, message: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self.status.setText(message)
+        show_error(message)

@@ -247,7 +247,7 @@ class FinetuneController:
         return before, after, diff, inp
 
 
-class FinetuneDock(QWidget):
+class FinetuneDock(_workers.WorkerDockMixin, QWidget):
     """napari dock widget titled "Fine-tune"."""
 
     def __init__(self, napari_viewer) -> None:
@@ -536,18 +536,8 @@ class FinetuneDock(QWidget):
             self._notify_error(f"Training failed: {type(exc).__name__}: {exc}")
 
     def _finished(self) -> None:
-        self.controller.running = False
-        self.worker = None
+        self._end_run()
         self.train_button.setText("Train")
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-
-    def _notify_error(self, message: str) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.setText(message)
-        show_error(message)
 
     # after training ----------------------------------------------------------
     def compare(self) -> None:

@@ -223,7 +223,7 @@ class SegmentController:
         return out
 
 
-class SegmentDock(QWidget):
+class SegmentDock(_workers.WorkerDockMixin, QWidget):
     """napari dock widget titled "Segment"."""
 
     #: live docks, so the Fine-tune dock can hand over a new model
@@ -421,19 +421,9 @@ class SegmentDock(QWidget):
         self._notify_error(f"Segmentation failed: {type(exc).__name__}: {exc}")
 
     def _finished(self) -> None:
-        self.controller.running = False
-        self.worker = None
+        self._end_run()
         self.segment_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-
-    def _notify_error(self, message: str) -> None:
-        from napari.utils.notifications import show_error
-
-        self.status.setText(message)
-        show_error(message)
 
     def _toggle_query(self, checked: bool) -> None:
         callbacks = self.viewer.mouse_drag_callbacks
