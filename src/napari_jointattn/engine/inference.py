@@ -25,6 +25,11 @@ from .postprocess import argmax_labels, split_instances
 Callback = Callable[[dict], "bool | None"]
 
 MIN_TILE = 64
+# planes above BAND_PIXELS * 1.5 pixels are processed in row bands of about
+# BAND_PIXELS, each widened by BAND_MARGIN rows of context on both sides, so
+# memory stays bounded for huge images (see plane_bands)
+BAND_PIXELS = 16 * 1024 * 1024
+BAND_MARGIN = 64
 
 
 @dataclass
@@ -183,6 +188,42 @@ def predict_slice(
 
 
 # ------------------------------------------------------------------ segment
+def plane_bands(h: int, w: int, band_pixels: int | None = None, margin: int | None = None
+                ) -> list[tuple[int, int, int, int]]:
+    """Row bands ``(r0, r1, e0, e1)`` covering an h x w plane: core rows [r0, r1), read rows [e0, e1).
+
+    One band for planes up to 1.5 x ``band_pixels``; otherwise bands of about
+    ``band_pixels`` pixels, each read with ``margin`` extra rows on both sides
+    (clipped to the plane) so that predictions and objects near a band's edge
+    see their surroundings.
+    """
+    band_pixels = BAND_PIXELS if band_pixels is None else band_pixels
+    margin = BAND_MARGIN if margin is None else margin
+    if h * w <= 1.5 * band_pixels:
+        return [(0, h, 0, h)]
+    rows = max(2 * margin, band_pixels // max(1, w))
+    n = math.ceil(h / rows)
+    edges = [round(i * h / n) for i in range(n + 1)]
+    return [(a, b, max(0, a - margin), min(h, b + margin)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _owned_instances(inst: np.ndarray, r0: int, r1: int, e0: int) -> np.ndarray:
+    """Ids of objects in a band (read from row e0) whose centroid row lies in the core [r0, r1)."""
+    n = int(inst.max())
+    if n == 0:
+        return np.zeros(0, dtype=np.int64)
+    counts = np.zeros(n + 1, dtype=np.int64)
+    row_sums = np.zeros(n + 1, dtype=np.float64)
+    for a in range(0, inst.shape[0], 256):  # chunks: no full-band float64 row index
+        chunk = inst[a : a + 256]
+        counts += np.bincount(chunk.ravel(), minlength=n + 1)
+        rows = np.repeat(np.arange(a, a + chunk.shape[0], dtype=np.float64), chunk.shape[1])
+        row_sums += np.bincount(chunk.ravel(), weights=rows, minlength=n + 1)
+    centroid = row_sums / np.maximum(counts, 1) + e0
+    ids = np.arange(n + 1)
+    return ids[(counts > 0) & (centroid >= r0) & (centroid < r1) & (ids > 0)]
+
+
 def _as_array(image) -> tuple[np.ndarray, int | None, int]:
     """-> (array, channel_axis, default slicing axis)."""
     if isinstance(image, (str, os.PathLike)):
@@ -258,7 +299,8 @@ def segment(
     names = _map_names(model) if attention else []
     maps = {name: np.zeros((n, *hw), dtype=np.float32) for name in names}
     notes: list[str] = []
-    total = len(todo) * count_windows(hw, tile, overlap)
+    bands = plane_bands(*hw)
+    total = len(todo) * sum(count_windows((e1 - e0, hw[1]), tile, overlap) for _, _, e0, e1 in bands)
     done = 0
     nonfinite_pixels = 0
 
@@ -285,49 +327,71 @@ def segment(
         bad = bad.any(axis=0) if bad is not None else None
         if bad is not None:
             nonfinite_pixels += int(bad.sum())
-        tile_now = int(tile)
-        while True:
-            try:
-                out = predict_slice(model, x, dev, tile_now, overlap, batch_size, bool(names), on_window)
-                break
-            except Cancelled:
-                raise
-            except Exception as exc:
-                if dev.type != "cuda" or not is_out_of_memory(exc):
+        for r0, r1, e0, e1 in bands:
+            xb = x if len(bands) == 1 else np.ascontiguousarray(x[:, e0:e1])
+            bad_b = None if bad is None else bad[e0:e1]
+            tile_now = int(tile)
+            while True:
+                try:
+                    out = predict_slice(model, xb, dev, tile_now, overlap, batch_size, bool(names), on_window)
+                    break
+                except Cancelled:
                     raise
-                free_cache(dev)
-                if tile_now // 2 >= MIN_TILE:
-                    tile_now //= 2
-                    notes.append(f"CUDA out of memory: retrying with {tile_now}-pixel tiles")
+                except Exception as exc:
+                    if dev.type != "cuda" or not is_out_of_memory(exc):
+                        raise
+                    free_cache(dev)
+                    if tile_now // 2 >= MIN_TILE:
+                        tile_now //= 2
+                        notes.append(f"CUDA out of memory: retrying with {tile_now}-pixel tiles")
+                    else:
+                        dev = torch.device("cpu")
+                        net.to(dev)
+                        notes.append("CUDA out of memory at the smallest tile: fell back to the CPU")
+            del xb
+            k = model.num_classes
+            probs = out[:k].numpy()
+            thr = model.postprocess.get("threshold")
+            if k == 2 and thr is not None:
+                cls = (probs[1] > thr).astype(np.uint8)
+            else:
+                cls = argmax_labels(probs)
+            del probs
+            if bad_b is not None:
+                cls[bad_b] = 0
+            core = slice(r0 - e0, r1 - e0)
+            if model.instances:
+                distance = out[k].numpy() if model.postprocess.get("distance_channel") else None
+                inst = split_instances(
+                    cls > 0,
+                    min_distance=model.postprocess.get("min_distance", 3),
+                    min_size=model.postprocess.get("min_size", 15),
+                    distance=distance,
+                )
+                del cls, distance
+                if len(bands) == 1:
+                    inst[inst > 0] += next_id
+                    next_id = max(next_id, int(inst.max()))
+                    labels[s] = inst
                 else:
-                    dev = torch.device("cpu")
-                    net.to(dev)
-                    notes.append("CUDA out of memory at the smallest tile: fell back to the CPU")
-        k = model.num_classes
-        probs = out[:k].numpy()
-        thr = model.postprocess.get("threshold")
-        if k == 2 and thr is not None:
-            cls = (probs[1] > thr).astype(np.uint8)
-        else:
-            cls = argmax_labels(probs)
-        if bad is not None:
-            cls[bad] = 0
-        if model.instances:
-            distance = out[k].numpy() if model.postprocess.get("distance_channel") else None
-            inst = split_instances(
-                cls > 0,
-                min_distance=model.postprocess.get("min_distance", 3),
-                min_size=model.postprocess.get("min_size", 15),
-                distance=distance,
-            )
-            inst[inst > 0] += next_id
-            next_id = max(next_id, int(inst.max()))
-            labels[s] = inst
-        else:
-            labels[s] = cls
-        first_map = k + model.config.aux_channels
-        for i, name in enumerate(names):
-            maps[name][s] = out[first_map + i].numpy()
+                    # objects belong to the band holding their centroid; they are written whole
+                    # (margin rows included) where no earlier band has written yet
+                    owned = _owned_instances(inst, r0, r1, e0)
+                    lut = np.zeros(int(inst.max()) + 1, dtype=np.int32)
+                    lut[owned] = np.arange(next_id + 1, next_id + 1 + len(owned), dtype=np.int32)
+                    next_id += len(owned)
+                    new_ids = lut[inst]
+                    del inst
+                    target = labels[s, e0:e1]
+                    free = (new_ids > 0) & (target == 0)
+                    target[free] = new_ids[free]
+                    del new_ids, free
+            else:
+                labels[s, r0:r1] = cls[core]
+            first_map = k + model.config.aux_channels
+            for i, name in enumerate(names):
+                maps[name][s, r0:r1] = out[first_map + i, core].numpy()
+            del out
     if nonfinite_pixels:
         notes.append(f"{nonfinite_pixels} NaN/infinite pixels were labelled background")
 
