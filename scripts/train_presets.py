@@ -205,7 +205,7 @@ def brain_data():
 FSL_LABELS = ("outside", "confident", "full")
 
 
-def brain_training_set(data: dict, fsl_labels: str = "outside", templates=("fsl", "nilearn")):
+def brain_training_set(data: dict, fsl_labels: str = "full", templates=("fsl", "nilearn")):
     """Images, labels, annotation masks and names: every orientation of each template.
 
     The held-out slab is unannotated in all of them. ``fsl_labels`` says what
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
                    help="fixed number of 50-step epochs (default: until the time budget)")
     p.add_argument("--device", default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fsl-labels", choices=FSL_LABELS, default="outside",
+    p.add_argument("--fsl-labels", choices=FSL_LABELS, default="full",
                    help="brain-mri: what the FSL whole-head template's voxels teach (see brain_training_set)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -277,3 +277,19 @@ def test_fast_path_memory_far_below_n_squared(kind, form, grad):
     grown_mib = float(out.stdout.strip().splitlines()[-1])
     n = 192 * 192
     assert grown_mib < 0.1 * n * n * 4 / 2**20, f"{grown_mib:.0f} MiB"
+
+
+def test_head_layers_add_full_resolution_capacity():
+    from napari_jointattn.model import DenseUNet, DenseUNetConfig
+
+    one = DenseUNet(num_classes=3)
+    three = DenseUNet(num_classes=3, head_channels=16, head_layers=3)
+    convs = [m for m in three.refine if isinstance(m, torch.nn.Conv2d)]
+    assert [c.kernel_size for c in convs] == [(3, 3)] * 3 + [(1, 1)]
+    # the default keeps the layout of files saved before head_layers existed
+    assert list(one.refine.state_dict()) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    x = torch.randn(1, 1, 70, 90)
+    assert three(x).shape == (1, 3, 70, 90)
+    assert DenseUNetConfig.from_dict({k: v for k, v in one.config.to_dict().items() if k != "head_layers"}).head_layers == 1
+    with pytest.raises(ValueError, match="head_layers"):
+        DenseUNetConfig(head_layers=0)

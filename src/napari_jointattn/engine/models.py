@@ -143,7 +143,7 @@ def validate_metadata(meta: object, where: str = "model file") -> dict:
 
 def _check_config(cfg: dict, where: str) -> DenseUNetConfig:
     ints = ("in_channels", "num_classes", "aux_channels", "stem_channels", "growth", "bottleneck",
-            "head_channels", "attention_dim")
+            "head_channels", "head_layers", "attention_dim")
     for key in ints:
         if key in cfg and (not isinstance(cfg[key], int) or isinstance(cfg[key], bool)):
             raise _fail(where, f"config.{key} must be an integer")

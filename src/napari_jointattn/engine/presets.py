@@ -11,7 +11,9 @@ PRESETS: dict[str, dict] = {
     "brain-mri": {
         "description": "T1-weighted brain MRI: background / grey matter / white matter.",
         "classes": ["background", "grey matter", "white matter"],
-        "config": {"in_channels": 1, "num_classes": 3},
+        # three full-resolution head layers: the network classifies at 1/2 scale,
+        # too coarse alone for a cortical ribbon two voxels thick
+        "config": {"in_channels": 1, "num_classes": 3, "head_channels": 32, "head_layers": 3},
         "normalization": {"percentiles": [1.0, 99.5], "per": "volume"},
         "postprocess": {"instances": False},
     },

@@ -55,6 +55,7 @@ class DenseUNetConfig:
     compression: float = 0.5
     decoder_channels: tuple[int, ...] = (128, 96, 64, 32, 24)
     head_channels: int = 8
+    head_layers: int = 1
     attention: str = "joint"
     joint_form: str = "mix"
     attention_levels: tuple[int, ...] = (1, 2, 3)
@@ -80,6 +81,7 @@ class DenseUNetConfig:
             positive(name, getattr(self, name))
         positive("bottleneck", self.bottleneck)
         positive("head_channels", self.head_channels)
+        positive("head_layers", self.head_layers)
         positive("attention_dim", self.attention_dim)
         if not isinstance(self.aux_channels, int) or self.aux_channels < 0:
             raise ValueError(f"aux_channels must be >= 0, got {self.aux_channels!r}")
@@ -248,11 +250,14 @@ class DenseUNet(nn.Module):
         self.classifier = nn.Conv2d(dec[-1], n_out, 1)
         # Classifying at 1/2 and upsampling is cheap; a small residual head at
         # full resolution sees the input again so boundaries stay sharp.
-        self.refine = nn.Sequential(
-            nn.Conv2d(n_out + c.in_channels, c.head_channels, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c.head_channels, n_out, 1),
-        )
+        # ``head_layers`` 3x3 convolutions: more than one gives thin structures
+        # (a cortical ribbon two voxels thick) capacity at full resolution.
+        head: list[nn.Module] = []
+        ch_in = n_out + c.in_channels
+        for _ in range(c.head_layers):
+            head += [nn.Conv2d(ch_in, c.head_channels, 3, padding=1), nn.ReLU(inplace=True)]
+            ch_in = c.head_channels
+        self.refine = nn.Sequential(*head, nn.Conv2d(c.head_channels, n_out, 1))
 
     # ------------------------------------------------------------------
     def attention_modules(self) -> list[tuple[str, UnifiedAttention]]:
