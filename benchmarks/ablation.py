@@ -289,6 +289,47 @@ def verdict(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def figure(out: Path, query: tuple[int, int] = (120, 150)) -> Path:
+    """Point-wise map, self-attention row of one pixel and joint mixing map, per module.
+
+    Drawn from the bundled ``nuclei`` preset (a joint-mix DenseUNet: its joint
+    modules hold a point-wise and a self-attention branch) on the DSB2018
+    evaluation image.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    import train_presets as tp
+    from napari_jointattn import load_model
+    from napari_jointattn.engine.normalize import normalize
+
+    model = load_model("nuclei")
+    image = tp.nuclei_data()["eval_image"].astype(np.float32)
+    x, _ = normalize(image[None], None, tuple(model.normalization["percentiles"]))
+    _, maps = model.net.inspect(torch.from_numpy(np.ascontiguousarray(x))[None], query=query)
+    modules = list(maps)
+    fig, axes = plt.subplots(len(modules), 4, figsize=(13, 3.2 * len(modules)))
+    for i, name in enumerate(modules):
+        m = maps[name]
+        panels = [("image", image, "gray"), (f"{name}: point-wise map", m["pointwise"][0], "magma"),
+                  (f"{name}: self-attention row", m["row"][0], "magma"), (f"{name}: joint mixing λ", m["mix"][0], "viridis")]
+        for ax, (title, data, cmap) in zip(axes[i], panels):
+            data = np.asarray(data, dtype=np.float32)
+            ax.imshow(data, cmap=cmap, extent=(0, image.shape[1], image.shape[0], 0), interpolation="nearest")
+            ax.plot(query[1], query[0], "c+", ms=12, mew=2)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.suptitle(f"nuclei preset (joint, mix form) on the DSB2018 evaluation image; query pixel + at {query}",
+                 fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -314,6 +355,7 @@ def main(argv=None) -> int:
     rep.add_argument("--results", type=Path, default=RESULTS)
     rep.add_argument("--doc", type=Path, default=ROOT / "docs" / "ablation.md")
     rep.add_argument("--repeats", type=int, default=5)
+    rep.add_argument("--figure", type=Path, default=ROOT / "docs" / "images" / "ablation_maps.png")
     args = p.parse_args(argv)
     overrides = {key: getattr(args, name) for key, name in
                  (("epochs", "epochs"), ("steps_per_epoch", "steps"), ("crop", "crop"))
@@ -341,6 +383,8 @@ def main(argv=None) -> int:
     text = report_tables(summary, fwd) + "\n" + verdict(summary)
     print(text)
     update_section(args.doc, "ablation tables", text)
+    if args.figure:
+        figure(args.figure)
     return 0
 
 
