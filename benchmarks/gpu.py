@@ -102,6 +102,19 @@ def flops_per_image(net, size: int, dev: torch.device) -> float | None:
         return None
 
 
+def _shown(argv: list[str]) -> list[str]:
+    """The arguments that change the figures (not where the JSON copy went)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--json":
+            skip = True
+        elif not a.startswith("--json="):
+            out.append(a)
+    return out
+
+
 def measure(args) -> dict:
     dev = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                        ("cpu" if args.device == "auto" else args.device))
@@ -115,7 +128,7 @@ def measure(args) -> dict:
     s = args.size
     results = {"device": name, "size": s, "date": datetime.date.today().isoformat(),
                "torch": torch.__version__, "python": platform.python_version(),
-               "command": "python benchmarks/gpu.py " + " ".join(args.argv), "networks": {}}
+               "command": " ".join(["python benchmarks/gpu.py", *_shown(args.argv)]), "networks": {}}
     try:
         import monai
 
