@@ -232,10 +232,20 @@ def summarise(rows: list[dict]) -> dict:
             runs = [r for r in rows if r["task"] == task and r["model"] == model]
             if not runs:
                 continue
-            s = {"n": len(runs), "params": runs[0]["params"], "device": runs[0]["device"]}
+            devices = {}
+            for r in runs:
+                kind = "GPU" if r["device"].startswith("cuda") else r["device"].upper()
+                devices[kind] = devices.get(kind, 0) + 1
+            s = {"n": len(runs), "params": runs[0]["params"],
+                 "devices": ", ".join(f"{k} ×{v}" for k, v in sorted(devices.items()))}
             for m in ("dice", "iou", "precision", "recall", "train_seconds"):
                 v = np.array([r[m] for r in runs], float)
                 s[m] = (float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan"))
+            per_device = {}
+            for r in runs:
+                kind = "GPU" if r["device"].startswith("cuda") else r["device"].upper()
+                per_device.setdefault(kind, []).append(r["train_seconds"])
+            s["train_by_device"] = ", ".join(f"{k} {np.mean(v):.0f}" for k, v in sorted(per_device.items()))
             gap = np.array([abs(r["precision"] - r["recall"]) for r in runs])
             s["gap"] = (float(gap.mean()), float(gap.std(ddof=1)) if len(gap) > 1 else float("nan"))
             out[(task, model)] = s
@@ -251,17 +261,17 @@ def report_tables(summary: dict, fwd: dict[str, float]) -> str:
     lines = []
     for task in TASKS:
         lines += [f"### {task}", "",
-                  "| model | runs | Dice | IoU | precision | recall | balance \\|P−R\\| | parameters | "
-                  "CPU forward 512² (ms) | train time (s) |",
+                  "| model | runs (device) | Dice | IoU | precision | recall | balance \\|P−R\\| | parameters | "
+                  "CPU forward 512² (ms) | train time, mean per device (s) |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for model in MODELS:
             s = summary.get((task, model))
             if s is None:
                 lines.append(f"| {model} | 0 | not run yet | | | | | | | |")
                 continue
-            lines.append(f"| {model} | {s['n']} | {pm(s['dice'])} | {pm(s['iou'])} | {pm(s['precision'])} | "
+            lines.append(f"| {model} | {s['n']} ({s['devices']}) | {pm(s['dice'])} | {pm(s['iou'])} | {pm(s['precision'])} | "
                          f"{pm(s['recall'])} | {pm(s['gap'])} | {s['params']:,} | {fwd.get(model, float('nan')):.0f} | "
-                         f"{pm(s['train_seconds'], 0)} |")
+                         f"{s['train_by_device']} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -355,6 +365,8 @@ def main(argv=None) -> int:
     rep.add_argument("--results", type=Path, default=RESULTS)
     rep.add_argument("--doc", type=Path, default=ROOT / "docs" / "ablation.md")
     rep.add_argument("--repeats", type=int, default=5)
+    rep.add_argument("--reuse-forward", action="store_true",
+                     help="take the CPU forward times from the last report instead of measuring them")
     rep.add_argument("--figure", type=Path, default=ROOT / "docs" / "images" / "ablation_maps.png")
     args = p.parse_args(argv)
     overrides = {key: getattr(args, name) for key, name in
@@ -378,8 +390,15 @@ def main(argv=None) -> int:
         return 0
     from _report import update_section
 
+    from napari_jointattn.engine.files import write_bytes_atomic
+
     summary = summarise(load_results(args.results))
-    fwd = forward_ms(MODELS, repeats=args.repeats)
+    fwd_file = args.results.parent / "ablation_forward_cpu.json"
+    if args.reuse_forward and fwd_file.exists():
+        fwd = json.loads(fwd_file.read_text())
+    else:
+        fwd = forward_ms(MODELS, repeats=args.repeats)
+        write_bytes_atomic(fwd_file, json.dumps(fwd, indent=1).encode())
     text = report_tables(summary, fwd) + "\n" + verdict(summary)
     print(text)
     update_section(args.doc, "ablation tables", text)

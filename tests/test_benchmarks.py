@@ -99,7 +99,7 @@ def test_ablation_grid_resumes_and_reports(tmp_path, monkeypatch):
     summary = ab.summarise(rows)
     assert summary[("nuclei", "none")]["n"] == 2
     table = ab.report_tables(summary, {"none": 1.0, "joint-mix": 2.0})
-    assert "| joint-mix | 2 |" in table and "not run yet" not in table
+    assert "| joint-mix | 2 (CPU ×2) |" in table and "not run yet" not in table
     assert "incomplete grid" in ab.verdict(summary)  # pointwise/self were not run
     todo = [r for r in ab.grid() if not ab.result_path(*r, tmp_path).exists()]
     assert ("none", "nuclei", 0) not in todo and ("joint-mix", "nuclei", 2) in todo
