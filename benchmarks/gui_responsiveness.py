@@ -26,17 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 
 
-def blobs(size: int) -> np.ndarray:
-    rng = np.random.default_rng(0)
-    image = np.empty((size, size), np.float32)
-    xx = np.arange(size, dtype=np.float32)
-    for r in range(0, size, 512):
-        yy = np.arange(r, min(size, r + 512), dtype=np.float32)[:, None]
-        band = ((np.sin(yy / 9.0) * np.cos(xx / 11.0)) > 0.6).astype(np.float32) * 200
-        image[r : r + len(yy)] = band + rng.normal(20, 5, band.shape).astype(np.float32)
-    return image
-
-
 def measure(size: int, model: str, threads: int, timeout: float = 1800) -> dict:
     import napari
     import torch
@@ -47,6 +36,8 @@ def measure(size: int, model: str, threads: int, timeout: float = 1800) -> dict:
     viewer = napari.Viewer(show=True)
     try:
         _, dock = viewer.window.add_plugin_dock_widget("napari-jointattn", "Segment")
+        from _images import blobs
+
         viewer.add_image(blobs(size), name="large")
         dock.refresh_layers()
         dock.set_model(model)

@@ -35,14 +35,9 @@ try:
     model = load_model(name)
 except Exception:
     model = new_model(name, seed=0)
-rng = np.random.default_rng(0)
-# blobs of nucleus size on a noisy background, built in row bands (no full-size temporaries)
-image = np.empty((size, size), np.float32)
-xx = np.arange(size, dtype=np.float32)
-for r in range(0, size, 512):
-    yy = np.arange(r, min(size, r + 512), dtype=np.float32)[:, None]
-    band = ((np.sin(yy / 9.0) * np.cos(xx / 11.0)) > 0.6).astype(np.float32) * 200
-    image[r:r + len(yy)] = band + rng.normal(20, 5, band.shape).astype(np.float32)
+sys.path.insert(0, sys.argv[4])
+from _images import blobs
+image = blobs(size)
 def hwm():
     # this process's own peak (VmHWM); ru_maxrss would include the parent's peak before exec
     for line in open("/proc/self/status"):
@@ -110,7 +105,8 @@ def time_segment(name, sizes=(512,), repeats=5, threads=2):
 
 def peak_memory(name, size, threads=2):
     """Time and peak RSS of segmenting one size^2 image in a fresh process."""
-    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, name, str(size), str(threads)],
+    out = subprocess.run([sys.executable, "-c", MEMORY_CHILD, name, str(size), str(threads),
+                          str(Path(__file__).resolve().parent)],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
