@@ -78,7 +78,36 @@ def main() -> int:
     viewer.layers["brain T1 labels"].opacity = 0.45
     shot(viewer, "segment_brain.png")
     viewer.close()
+    finetune_shot()
     return 0
+
+
+def finetune_shot(seconds: int = 40) -> None:
+    """The Fine-tune dock after a short run: the user's corrected labels, live plot, versions."""
+    import napari
+
+    viewer = napari.Viewer(title="napari-jointattn")
+    viewer.window._qt_window.resize(1500, 950)
+    viewer.open_sample("napari-jointattn", "nuclei")
+    _, seg = viewer.window.add_plugin_dock_widget("napari-jointattn", "Segment")
+    seg.set_model("nuclei")
+    seg.segment()
+    wait(seg)
+    labels = viewer.layers["nuclei labels"]
+    # a correction, as a user would paint it: erase the objects of the top-left quarter
+    h, w = labels.data.shape
+    corrected = labels.data.copy()
+    corrected[: h // 4, : w // 4] = 0
+    labels.data = corrected
+    _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune")
+    ft.refresh_layers()
+    ft.seconds_spin.setValue(seconds)
+    ft.epochs_spin.setValue(8)
+    ft.train_button.click()
+    wait(ft, timeout=seconds + 120)
+    labels.contour = 2
+    shot(viewer, "finetune_dock.png")
+    viewer.close()
 
 
 if __name__ == "__main__":
