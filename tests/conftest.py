@@ -6,6 +6,15 @@ import torch
 
 torch.set_num_threads(2)
 
+try:  # the same examples on every run, so a test run is reproducible; explore with --hypothesis-profile=explore
+    from hypothesis import settings
+
+    settings.register_profile("default", derandomize=True)
+    settings.register_profile("explore", derandomize=False)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+except ImportError:  # pragma: no cover
+    pass
+
 
 @pytest.fixture(autouse=True)
 def _isolated_model_dir(tmp_path_factory, monkeypatch):

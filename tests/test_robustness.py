@@ -263,3 +263,16 @@ def test_cli_unwritable_or_full_output(tmp_path, saved_model, capsys, monkeypatc
     err = capsys.readouterr().err
     assert rc == 2 and name in err and len(err.strip().splitlines()) == 1
     assert list((tmp_path / "out").iterdir()) == []  # the half-written temporary file is gone
+
+
+def test_rgb_near_float32_max_is_not_lost(tiny_model):
+    """The channel mean of huge float32 values must not overflow to infinity."""
+    arr = np.full((40, 50, 3), 1.1342746e38, np.float32)
+    arr[10:20, 10:20] = 1e37
+    result = segment(arr, tiny_model, device="cpu", tile=64)
+    assert result.labels.shape == (40, 50)
+    from napari_jointattn.engine.inference import prepare_channels
+
+    grey = prepare_channels(arr, 1)
+    assert grey.dtype == np.float32 and np.isfinite(grey).all()
+    assert prepare_channels(arr.astype(np.float64) * 1e10, 1).dtype == np.float64

@@ -95,7 +95,9 @@ def prepare_channels(
     if in_channels == 1:
         if c == 4:
             arr = arr[..., :3]
-        return arr.astype(np.float32).mean(axis=-1, keepdims=True)
+        # accumulate in float64: three float32 values near the type's maximum overflow their sum
+        out_dtype = np.float64 if arr.dtype == np.float64 else np.float32
+        return arr.mean(axis=-1, keepdims=True, dtype=np.float64).astype(out_dtype)
     raise BadInputError(f"the model needs {in_channels} channels, the image has {c}")
 
 
