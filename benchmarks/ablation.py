@@ -176,8 +176,6 @@ def grid() -> list[tuple[str, str, int]]:
 
 def run_grid(workers: int, device: str, deadline: float | None, results: Path, threads: int,
              only: set[str] | None = None, extra: list[str] | None = None) -> None:
-    from napari_jointattn.engine.files import write_bytes_atomic  # noqa: F401 - fail early if missing
-
     results.mkdir(parents=True, exist_ok=True)
     todo = [r for r in grid() if not result_path(*r, results).exists() and (only is None or r[0] in only)]
     print(f"{len(todo)} runs to do", flush=True)

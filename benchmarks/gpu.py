@@ -210,7 +210,6 @@ def measure(args) -> dict:
                                 if peak and row["flops"] and row["best_images_per_s"] else None)
         row["seconds"] = time.perf_counter() - t_net
         results["networks"][label] = row
-        del net, opt
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return results

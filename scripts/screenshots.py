@@ -32,18 +32,24 @@ def shot(viewer, name):
     print(path)
 
 
-def main() -> int:
+def nuclei_segmented(height: int):
+    """A napari window with the nuclei sample segmented by the Segment dock: (viewer, dock)."""
     import napari
 
-    OUT.mkdir(parents=True, exist_ok=True)
     viewer = napari.Viewer(title="napari-jointattn")
-    viewer.window._qt_window.resize(1500, 900)
+    viewer.window._qt_window.resize(1500, height)
     viewer.open_sample("napari-jointattn", "nuclei")
     _, dock = viewer.window.add_plugin_dock_widget("napari-jointattn", "Segment")
     dock.set_model("nuclei")
     dock.segment()
     wait(dock)
     viewer.layers["nuclei labels"].contour = 2
+    return viewer, dock
+
+
+def main() -> int:
+    OUT.mkdir(parents=True, exist_ok=True)
+    viewer, dock = nuclei_segmented(900)
     shot(viewer, "segment_nuclei.png")
 
     dock.attention_check.setChecked(True)
@@ -84,15 +90,7 @@ def main() -> int:
 
 def finetune_shot(seconds: int = 40) -> None:
     """The Fine-tune dock after a short run: the user's corrected labels, live plot, versions."""
-    import napari
-
-    viewer = napari.Viewer(title="napari-jointattn")
-    viewer.window._qt_window.resize(1500, 950)
-    viewer.open_sample("napari-jointattn", "nuclei")
-    _, seg = viewer.window.add_plugin_dock_widget("napari-jointattn", "Segment")
-    seg.set_model("nuclei")
-    seg.segment()
-    wait(seg)
+    viewer, _ = nuclei_segmented(950)
     labels = viewer.layers["nuclei labels"]
     # a correction, as a user would paint it: erase the objects of the top-left quarter
     h, w = labels.data.shape
@@ -105,7 +103,6 @@ def finetune_shot(seconds: int = 40) -> None:
     ft.epochs_spin.setValue(8)
     ft.train_button.click()
     wait(ft, timeout=seconds + 120)
-    labels.contour = 2
     shot(viewer, "finetune_dock.png")
     viewer.close()
 

@@ -5,7 +5,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from _helpers import rewrite_metadata
+from _helpers import rewrite_metadata, simulate_cuda_oom
 import tifffile
 import torch
 
@@ -221,20 +221,8 @@ def test_cuda_oom_halves_tile_then_falls_back_to_cpu(blobs, monkeypatch):
 
     image, _ = blobs
     tiles = []
-    real = seg.predict_slice
-
-    def fake_predict(model, x, device, tile, *a, **k):
-        tiles.append((device.type, tile))
-        if device.type == "cuda":
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
-        return real(model, x, device, tile, *a, **k)
-
-    monkeypatch.setattr(seg, "predict_slice", fake_predict)
-    monkeypatch.setattr(seg, "resolve_device", lambda d: torch.device("cuda"))
-    monkeypatch.setattr(seg, "describe_device", lambda d: d.type)
-    monkeypatch.setattr(seg, "free_cache", lambda d: None)
+    simulate_cuda_oom(monkeypatch, tiles)
     model = new_model("nuclei")
-    monkeypatch.setattr(model.net, "to", lambda d: model.net)
     res = seg.segment(image, model, device="cuda", tile=256)
     assert tiles == [("cuda", 256), ("cuda", 128), ("cuda", 64), ("cpu", 64)]
     assert res.device == "cpu" and len(res.notes) == 3 and "CPU" in res.notes[-1]

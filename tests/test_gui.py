@@ -231,22 +231,11 @@ def test_model_file_removed_while_listed(qtbot, dock, blobs, bright_model):
 
 
 def test_simulated_cuda_oom_notifies_and_falls_back(qtbot, dock, blobs, monkeypatch):
-    from napari_jointattn.engine import inference
+    from _helpers import simulate_cuda_oom
 
     viewer, widget = dock
     viewer.add_image(blobs[0], name="cells")
-    real = inference.predict_slice
-
-    def fake_predict(model, x, device, tile, *a, **k):
-        if device.type == "cuda":
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return real(model, x, device, tile, *a, **k)
-
-    monkeypatch.setattr(inference, "predict_slice", fake_predict)
-    monkeypatch.setattr(inference, "resolve_device", lambda d: torch.device("cuda"))
-    monkeypatch.setattr(inference, "describe_device", lambda d: d.type)
-    monkeypatch.setattr(inference, "free_cache", lambda d: None)
-    monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+    simulate_cuda_oom(monkeypatch)
     warnings = []
     import napari.utils.notifications as notes
 
