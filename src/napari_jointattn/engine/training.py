@@ -17,6 +17,7 @@ Rules (documented in docs/training.md):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -36,9 +37,8 @@ from .inference import prepare_channels
 from .labels import to_classes
 from .models import Model, load_model, new_model, save_model
 from .normalize import normalize, percentile_range
+from .split import GAP_PIXELS, GAP_SLICES, split_samples  # noqa: F401  (re-exported)
 
-GAP_SLICES = 2
-GAP_PIXELS = 16
 
 
 @dataclass
@@ -57,6 +57,13 @@ class TrainSettings:
     bias_field: float = 0.0
     seed: int = 0
     device: str = "auto"
+    #: crop centres: "classes" (class-balanced) or "annotated" (see CropCentres)
+    crop_sampling: str = "classes"
+    #: validate every this many steps (and at every epoch end); 0: a quarter epoch
+    val_every: int = 0
+    #: the classifier head: "auto" (re-initialised when the start model does not
+    #: find the annotated structures), "keep" or "reset"
+    head: str = "auto"
 
     def validate(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -69,6 +76,12 @@ class TrainSettings:
             raise BadInputError("crop must be >= 32, batch size and steps per epoch >= 1")
         if not self.lr > 0:
             raise BadInputError(f"learning rate must be positive, got {self.lr!r}")
+        if self.crop_sampling not in ("classes", "annotated"):
+            raise BadInputError(f"crop_sampling must be 'classes' or 'annotated', got {self.crop_sampling!r}")
+        if not isinstance(self.val_every, int) or self.val_every < 0:
+            raise BadInputError(f"val_every must be a non-negative integer, got {self.val_every!r}")
+        if self.head not in ("auto", "keep", "reset"):
+            raise BadInputError(f"head must be 'auto', 'keep' or 'reset', got {self.head!r}")
 
 
 @dataclass
@@ -89,7 +102,11 @@ class TrainResult:
     model: Model
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
+    best_step: int = 0
     best_dice: float = float("nan")
+    start_dice: float = float("nan")
+    improved: bool = False
+    warnings: list[str] = field(default_factory=list)
     stopped: str = "epochs"
     seconds: float = 0.0
     device: str = "cpu"
@@ -174,32 +191,7 @@ def build_samples(
         raise BadInputError("the annotations contain no foreground class: label some objects first")
 
     samples = [Sample(x, t, m.copy(), np.zeros_like(m), w, i, z) for i, z, x, t, m, w in planes]
-    sources = sorted({s.source for s in samples})
-    if len(sources) >= 2:
-        n_val = max(1, round(val_fraction * len(sources)))
-        val_sources = set(sources[-n_val:])
-        for s in samples:
-            if s.source in val_sources:
-                s.val_mask, s.train_mask = s.train_mask, np.zeros_like(s.train_mask)
-        split = f"by image: {n_val} of {len(sources)} images for validation"
-    elif len(samples) >= 3 + GAP_SLICES:
-        zs = sorted(s.index for s in samples)
-        n_val = max(1, round(val_fraction * len(zs)))
-        val_z = set(zs[-n_val:])
-        lo = min(val_z)
-        for s in samples:
-            if s.index in val_z:
-                s.val_mask, s.train_mask = s.train_mask, np.zeros_like(s.train_mask)
-            elif s.index > lo - 1 - GAP_SLICES:
-                s.train_mask = np.zeros_like(s.train_mask)  # too close to the validation block
-        split = f"by slices: {n_val} of {len(zs)} annotated slices (block from {lo}), gap {GAP_SLICES}"
-    else:
-        for s in samples:
-            w = s.target.shape[1]
-            cut = int(round(w * (1 - val_fraction)))
-            s.val_mask[:, cut:] = s.train_mask[:, cut:]
-            s.train_mask[:, max(0, cut - GAP_PIXELS):] = False
-        split = f"by columns: the right {val_fraction:.0%} of each image, gap {GAP_PIXELS} px"
+    split = split_samples(samples, val_fraction, k)
     samples = [s for s in samples if s.train_mask.any() or s.val_mask.any()]
     n_train = int(sum(s.train_mask.sum() for s in samples))
     n_val = int(sum(s.val_mask.sum() for s in samples))
@@ -212,7 +204,9 @@ def build_samples(
         "pixels_per_class": {model.classes[c]: int(counts[c]) for c in range(k)},
         "train_pixels": n_train,
         "val_pixels": n_val,
-        "split": split,
+        "split": split.description,
+        "split_kind": split.kind,
+        "warnings": [split.warning] if split.warning else [],
     }
     return samples, summary
 
@@ -256,20 +250,68 @@ def annotation_summary(labels: Sequence[np.ndarray], num_classes: int, classes: 
 
 
 # ------------------------------------------------------------ augmentation
-def _crop_batch(samples: list[Sample], settings: TrainSettings, rng: np.random.Generator):
-    """Random crops (biased towards annotated pixels) -> tensors."""
-    train = [s for s in samples if s.train_mask.any()]
+class CropCentres:
+    """Where crops are centred: class-balanced, or uniform over annotated pixels.
+
+    ``"classes"`` (the default): each crop first draws a class uniformly among
+    the classes annotated in the training part (background included), then a
+    training pixel of that class, so a structure covering 1 % of the image is
+    in about half the crops of a two-class task (as MONAI's
+    ``RandCropByLabelClassesd`` with equal ratios). ``"annotated"``: a
+    training plane, then any of its annotated pixels (the preset recipes).
+    """
+
+    def __init__(self, samples: list[Sample], mode: str) -> None:
+        if mode not in ("classes", "annotated"):
+            raise BadInputError(f"crop_sampling must be 'classes' or 'annotated', got {mode!r}")
+        self.samples = samples
+        self.per_plane = mode == "annotated"
+        self.pools: list[tuple[np.ndarray, list[np.ndarray]]] = []  # per class: (cumulative counts, indices)
+        groups: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for i, s in enumerate(samples):
+            if not s.train_mask.any():
+                continue
+            if mode == "annotated":
+                groups.setdefault(0, []).append((i, np.flatnonzero(s.train_mask).astype(np.int64)))
+                continue
+            flat_t = s.target.ravel()
+            idx = np.flatnonzero(s.train_mask)
+            cls = flat_t[idx]
+            for c in np.unique(cls):
+                groups.setdefault(int(c), []).append((i, idx[cls == c]))
+        self.index: list[list[int]] = []
+        for c in sorted(groups):
+            members = groups[c]
+            self.index.append([i for i, _ in members])
+            self.pools.append((np.cumsum([len(ix) for _, ix in members]), [ix for _, ix in members]))
+
+    def draw(self, rng: np.random.Generator) -> tuple[Sample, int, int]:
+        g = int(rng.integers(len(self.pools)))
+        cum, members = self.pools[g]
+        if self.per_plane:
+            m = int(rng.integers(len(members)))
+            offset = int(rng.integers(len(members[m])))
+        else:
+            j = int(rng.integers(cum[-1]))
+            m = int(np.searchsorted(cum, j, side="right"))
+            offset = j - (int(cum[m - 1]) if m else 0)
+        s = self.samples[self.index[g][m]]
+        y, x = divmod(int(members[m][offset]), s.target.shape[1])
+        return s, y, x
+
+
+def _crop_batch(samples: list[Sample], settings: TrainSettings, rng: np.random.Generator,
+                centres: CropCentres | None = None):
+    """Random crops centred near annotated pixels (see ``CropCentres``) -> tensors."""
+    centres = centres or CropCentres(samples, settings.crop_sampling)
     c = settings.crop
     xs, ts, ms, ws = [], [], [], []
     for _ in range(settings.batch_size):
-        s = train[rng.integers(len(train))]
+        s, py, px = centres.draw(rng)
         scale = math.exp(rng.uniform(*np.log(settings.scale_range))) if settings.augment else 1.0
         size = max(16, int(round(c / scale)))
-        h, w = s.target.shape
-        ys, xs_ = np.nonzero(s.train_mask)
-        j = rng.integers(len(ys))
-        cy = int(ys[j]) + int(rng.integers(-size // 4, size // 4 + 1))
-        cx = int(xs_[j]) + int(rng.integers(-size // 4, size // 4 + 1))
+        cy = py + int(rng.integers(-size // 4, size // 4 + 1))
+        cx = px + int(rng.integers(-size // 4, size // 4 + 1))
         y0, x0 = cy - size // 2, cx - size // 2
         img = _window(s.image, y0, x0, size, "edge")
         tgt = _window(s.target[None], y0, x0, size, 0)[0]
@@ -362,31 +404,37 @@ MAX_VAL_PLANES = 24
 
 
 @torch.no_grad()
-def validation_dice(model: Model, samples: list[Sample], device: torch.device) -> float:
-    """Mean foreground Dice over validation pixels (classes present in truth or prediction).
+def validation_dice(model: Model, samples: list[Sample], device: torch.device, side: str = "val") -> float:
+    """Mean Dice over the foreground classes present in the reference pixels of ``side``.
 
-    At most ``MAX_VAL_PLANES`` planes, evenly spaced, so a validation stack of
-    hundreds of slices does not eat the training time.
+    ``side`` is "val" (the validation pixels) or "train". Classes absent from
+    the reference are not averaged (a prediction cannot score on them), so an
+    empty reference gives NaN, never a Dice of 0. At most ``MAX_VAL_PLANES``
+    planes, evenly spaced, so a validation stack of hundreds of slices does not
+    eat the training time.
     """
     from .inference import predict_slice
     from .metrics import confusion, overlap_scores
 
     k = model.num_classes
     conf = np.zeros((k, k), np.int64)
+    was_training = model.net.training
     model.net.eval()
-    val = [s for s in samples if s.val_mask.any()]
+    val = [s for s in samples if getattr(s, f"{side}_mask").any()]
     if len(val) > MAX_VAL_PLANES:
         val = [val[i] for i in np.linspace(0, len(val) - 1, MAX_VAL_PLANES).round().astype(int)]
     for s in val:
-        ys, xs = np.nonzero(s.val_mask)
+        mask = getattr(s, f"{side}_mask")
+        ys, xs = np.nonzero(mask)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
         out = predict_slice(model, np.ascontiguousarray(s.image[:, y0:y1, x0:x1]), device, tile=512)
         pred = out[:k].argmax(0).numpy()
-        m = s.val_mask[y0:y1, x0:x1]
+        m = mask[y0:y1, x0:x1]
         conf += confusion(pred[m], s.target[y0:y1, x0:x1][m], k)
-    dice = overlap_scores(conf)["dice"][1:]
-    vals = [d for d in dice if not math.isnan(d)]
-    return float(np.mean(vals)) if vals else 0.0
+    model.net.train(was_training)
+    dice = overlap_scores(conf)["dice"]
+    present = [c for c in range(1, k) if conf[c].sum() > 0]  # rows: reference classes
+    return float(np.mean([dice[c] for c in present])) if present else float("nan")
 
 
 # ------------------------------------------------------------------- train
@@ -409,6 +457,12 @@ def start_model(start: Model | str | os.PathLike | None, classes: Sequence[str] 
     whose shape still fits is kept (the encoder and decoder) and the
     classifier head is re-initialised.
     """
+    return _start_model(start, classes)[0]
+
+
+def _start_model(start, classes) -> tuple[Model, bool]:
+    """start_model(), and whether the head was re-initialised for a new number of classes."""
+    head_reset = False
     if start is None:
         start = "nuclei"
     if isinstance(start, str) and not isinstance(start, os.PathLike):
@@ -439,8 +493,9 @@ def start_model(start: Model | str | os.PathLike | None, classes: Sequence[str] 
                     new_state[key] = old[key]
             fresh.net.load_state_dict(new_state)
             model = fresh
+            head_reset = True
         model.classes = classes
-    return model
+    return model, head_reset
 
 
 def train(
@@ -459,19 +514,28 @@ def train(
     provenance: dict | None = None,
     callback: Callable[[dict], "bool | None"] | None = None,
     checkpoint: str | os.PathLike | None = None,
+    save_unchanged: bool = True,
     **overrides,
 ) -> TrainResult:
     """Fine-tune ``start`` on annotated images; return the best model (and save it to ``out``).
 
     ``callback`` gets ``{"stage": "train", "epoch", "epochs", "step", "steps",
-    "loss", "val_dice", "best_dice", "seconds"}`` after every step and epoch;
-    returning ``False`` stops training, keeping the best weights so far.
+    "loss", "val_dice", "best_dice", "seconds"}`` after every step (``val_dice``
+    None) and after every validation (``val_dice`` set; ``epoch_end`` True at
+    the end of an epoch); returning ``False`` stops training, keeping the best
+    weights so far. Validation runs every ``val_every`` steps and at each
+    epoch end, so a short time budget can still pick trained weights.
+
+    The start model is scored on the validation pixels first; if no later
+    validation beats it, ``result.improved`` is False, ``result.warnings``
+    says so, and so does the saved file's metadata. ``save_unchanged=False``
+    then writes no file at all (``result.path`` stays None).
     ``out`` is written once, atomically, at the end (also after a stop).
     ``checkpoint``: a file written atomically after every epoch; if it exists
     when training starts (same data and settings), training resumes from it.
     It is removed once training has finished.
     """
-    settings = settings or TrainSettings()
+    settings = dataclasses.replace(settings) if settings is not None else TrainSettings()
     for key, value in overrides.items():
         if not hasattr(settings, key):
             raise TypeError(f"unknown training setting {key!r}")
@@ -485,45 +549,71 @@ def train(
         if not os.path.isdir(parent):
             raise BadInputError(f"cannot write {out}: folder {parent} does not exist")
     device = resolve_device(settings.device)
-    model = start_model(start, classes)
+    model, head_reset = _start_model(start, classes)
     parent_name = _parent_name(start, model)
     samples, summary = build_samples(
         model, images, labels, masks, weights, axis, channel_axis, settings.val_fraction
     )
+    warnings_: list[str] = list(summary.get("warnings", []))
 
     random.seed(settings.seed)
     np.random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
+    head = _decide_head(model, samples, settings.head, device, reset_already=head_reset)
     net = model.net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     total_steps = settings.epochs * settings.steps_per_epoch
+    val_every = settings.val_every or max(1, settings.steps_per_epoch // 4)
+    centres = CropCentres(samples, settings.crop_sampling)
     best_state = copy.deepcopy(net.state_dict())
-    best = validation_dice(model, samples, device)
-    result = TrainResult(model=model, best_dice=best, device=describe_device(device), summary=summary)
-    result.history.append({"epoch": 0, "loss": None, "val_dice": best, "seconds": 0.0})
+    start_dice = validation_dice(model, samples, device)
+    best = start_dice
+    result = TrainResult(model=model, best_dice=best, start_dice=start_dice,
+                         device=describe_device(device), summary=summary)
+    result.history.append({"epoch": 0, "step": 0, "loss": None, "val_dice": best, "seconds": 0.0})
     t0 = time.perf_counter()
-    stale = 0
     stop = None
     first_epoch = 1
+    step_no = 0  # optimisation steps so far
+    improved_epoch = 0  # the last epoch whose validation beat the best so far
     fingerprint = json.dumps({"data": summary, "settings": _jsonable(vars(settings))}, sort_keys=True)
     if checkpoint is not None and os.path.exists(checkpoint):
         state = _load_checkpoint(checkpoint, net, opt, best_state, rng, fingerprint)
-        best, stale, result.best_epoch = state["best"], state["stale"], state["best_epoch"]
+        best, result.best_epoch, result.best_step = state["best"], state["best_epoch"], state["best_step"]
+        improved_epoch, step_no = state["improved_epoch"], state["step_no"]
         result.history = state["history"]
         first_epoch = state["epoch"] + 1
         t0 -= state["elapsed"]
 
     def tell(info: dict) -> None:
         nonlocal stop
-        if callback is not None and callback({"stage": "train", **info}) is False:
+        if callback is not None and callback({"stage": "train", "epochs": settings.epochs,
+                                              "steps": settings.steps_per_epoch, **info}) is False:
             stop = "stopped"
+
+    def validate(epoch: int, step: int, losses: list[float]) -> dict:
+        nonlocal best, best_state, improved_epoch
+        val = validation_dice(model, samples, device)
+        record = {"epoch": epoch, "step": step_no, "loss": float(np.mean(losses)) if losses else None,
+                  "val_dice": val, "seconds": time.perf_counter() - t0}
+        result.history.append(record)
+        if _better(val, best):
+            best = val
+            best_state = copy.deepcopy(net.state_dict())
+            result.best_epoch, result.best_step, improved_epoch = epoch, step_no, epoch
+        tell({"epoch": epoch, "step": step, "loss": record["loss"], "val_dice": val, "best_dice": best,
+              "seconds": record["seconds"]})
+        return record
 
     for epoch in range(first_epoch, settings.epochs + 1):
         net.train()
-        losses = []
+        losses: list[float] = []
+        since_val: list[float] = []
         for step in range(settings.steps_per_epoch):
-            x, t, m, w = _crop_batch(samples, settings, rng)
+            # the schedule sets this step's rate before the step (the first step warms up too)
+            _set_lr(opt, settings, (step_no + 1) / total_steps, time.perf_counter() - t0)
+            x, t, m, w = _crop_batch(samples, settings, rng, centres)
             x, t, m, w = x.to(device), t.to(device), m.to(device), w.to(device)
             with autocast(device):
                 logits = net(x)
@@ -531,58 +621,112 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            step_no += 1
             losses.append(float(loss.detach()))
+            since_val.append(losses[-1])
             elapsed = time.perf_counter() - t0
-            _set_lr(opt, settings, ((epoch - 1) * settings.steps_per_epoch + step + 1) / total_steps, elapsed)
-            tell({"epoch": epoch, "epochs": settings.epochs, "step": step + 1,
-                  "steps": settings.steps_per_epoch, "loss": losses[-1], "val_dice": None,
-                  "best_dice": best, "seconds": elapsed})
+            tell({"epoch": epoch, "step": step + 1, "loss": losses[-1], "val_dice": None,
+                  "best_dice": best, "seconds": elapsed, "lr": opt.param_groups[0]["lr"]})
             if stop or (settings.max_seconds and elapsed > settings.max_seconds):
                 stop = stop or "time budget"
                 break
-        val = validation_dice(model, samples, device)
-        record = {"epoch": epoch, "loss": float(np.mean(losses)), "val_dice": val,
-                  "seconds": time.perf_counter() - t0}
-        result.history.append(record)
-        if val > best:
-            best, stale = val, 0
-            best_state = copy.deepcopy(net.state_dict())
-            result.best_epoch = epoch
-        else:
-            stale += 1
+            if (step + 1) % val_every == 0 and step + 1 < settings.steps_per_epoch:
+                validate(epoch, step + 1, since_val)
+                since_val = []
+                net.train()
+                if stop:
+                    break
+        record = validate(epoch, settings.steps_per_epoch, losses)
+        record["epoch_end"] = True
         if checkpoint is not None:
             _save_checkpoint(checkpoint, net, opt, best_state, rng, fingerprint, {
-                "epoch": epoch, "best": best, "stale": stale, "best_epoch": result.best_epoch,
-                "history": result.history, "elapsed": time.perf_counter() - t0})
-        tell({"epoch": epoch, "epochs": settings.epochs, "step": settings.steps_per_epoch,
-              "steps": settings.steps_per_epoch, "loss": record["loss"], "val_dice": val,
-              "best_dice": best, "seconds": record["seconds"], "epoch_end": True})
+                "epoch": epoch, "best": best, "best_epoch": result.best_epoch, "best_step": result.best_step,
+                "improved_epoch": improved_epoch, "step_no": step_no, "history": result.history,
+                "elapsed": time.perf_counter() - t0})
+        tell({"epoch": epoch, "step": settings.steps_per_epoch, "loss": record["loss"],
+              "val_dice": record["val_dice"], "best_dice": best, "seconds": record["seconds"],
+              "epoch_end": True})
         if stop:
             break
-        if stale >= settings.patience:
+        if epoch - improved_epoch >= settings.patience:
             stop = "early stopping"
             break
     net.load_state_dict(best_state)
     net.eval().to("cpu")
     result.stopped = stop or "epochs"
     result.best_dice = best
+    result.improved = result.best_step > 0
     result.seconds = time.perf_counter() - t0
+    if not result.improved:
+        warnings_.append(
+            f"no improvement over the start model: its validation Dice {_fmt(start_dice)} was never beaten, "
+            "so the result is the start model unchanged (train longer, annotate more, or check the labels)")
+    result.warnings = warnings_
     model.name = name or model.name
-    model.scores = {"val_dice": round(best, 6)}
+    model.scores = {"val_dice": round(best, 6) if math.isfinite(best) else None,
+                    "start_val_dice": round(start_dice, 6) if math.isfinite(start_dice) else None}
     model.provenance = {
         "parent": parent_name,
         "data": summary,
         "settings": _jsonable(vars(settings)),
-        "training": {"best_epoch": result.best_epoch, "epochs_run": len(result.history) - 1,
-                     "stopped": result.stopped, "seconds": round(result.seconds, 1),
-                     "device": result.device},
+        "training": {"best_epoch": result.best_epoch, "best_step": result.best_step,
+                     "epochs_run": max((h["epoch"] for h in result.history), default=0),
+                     "steps_run": step_no, "stopped": result.stopped, "seconds": round(result.seconds, 1),
+                     "device": result.device, "head": head, "improved": result.improved,
+                     "warnings": warnings_},
         **(provenance or {}),
     }
-    if out is not None:
+    if out is not None and (result.improved or save_unchanged):
         result.path = save_model(model, out)
     if checkpoint is not None and os.path.exists(checkpoint):
         os.remove(checkpoint)
     return result
+
+
+def _better(value: float, best: float) -> bool:
+    return math.isfinite(value) and (not math.isfinite(best) or value > best)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}" if math.isfinite(value) else "n/a"
+
+
+HEAD_RESET_DICE = 0.2
+
+
+def _decide_head(model: Model, samples: list[Sample], mode: str, device, reset_already: bool = False) -> str:
+    """Keep or re-initialise the classifier head; returns what was done and why (for provenance).
+
+    ``auto``: the head is re-initialised when the start model's Dice on the
+    training annotations is below ``HEAD_RESET_DICE``: its classes then mean
+    something else (nuclei -> a brain lesion), and a head that confidently
+    predicts the old structure must first be unlearned. The encoder and
+    decoder are kept either way.
+    """
+    if reset_already:
+        return "re-initialised (the number of classes changed)"
+    if mode == "keep" or not hasattr(model.net, "head_modules"):
+        return "kept"
+        return "kept (head='keep')"
+    if mode == "reset":
+        _reset_head(model)
+        return "re-initialised (head='reset')"
+    dice = validation_dice(model, samples, device, side="train")
+    if math.isfinite(dice) and dice >= HEAD_RESET_DICE:
+        return f"kept: the start model's Dice on the training annotations is {dice:.3f}"
+    _reset_head(model)
+    return (f"re-initialised: the start model's Dice on the training annotations is {_fmt(dice)}, "
+            f"below {HEAD_RESET_DICE}")
+
+
+def _reset_head(model: Model) -> None:
+    gen = torch.Generator().manual_seed(0)
+    for module in model.net.head_modules():
+        for p in module.parameters(recurse=False):
+            if p.ndim > 1:
+                torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=gen)
+            else:
+                torch.nn.init.zeros_(p)
 
 
 def _parent_name(start, model: Model) -> str:

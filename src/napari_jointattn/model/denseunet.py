@@ -260,6 +260,10 @@ class DenseUNet(nn.Module):
         self.refine = nn.Sequential(*head, nn.Conv2d(c.head_channels, n_out, 1))
 
     # ------------------------------------------------------------------
+    def head_modules(self) -> list[nn.Module]:
+        """The classifier head (1/2-resolution classifier and full-resolution refinement)."""
+        return [self.classifier, *self.refine]
+
     def attention_modules(self) -> list[tuple[str, UnifiedAttention]]:
         """(display name, module), e.g. ``("joint 1/16", module)``, shallow first."""
         out = []

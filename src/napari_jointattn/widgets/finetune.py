@@ -197,7 +197,7 @@ class FinetuneController:
         ch = request.channel_axes[0] if len(set(request.channel_axes)) == 1 else None
         return train(
             request.start, request.images, request.labels, weights=request.weights, channel_axis=ch,
-            out=request.out, name=request.out.stem, callback=callback,
+            out=request.out, name=request.out.stem, callback=callback, save_unchanged=False,
             provenance={"layers": [{"image": i, "labels": l} for i, l in request.pairs],
                         "correction_weighting": request.weights is not None},
             **request.settings,
@@ -359,17 +359,21 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         ax = self.axes
         ax.clear()
         hist = self.controller.history
-        steps = [h for h in hist if not h.get("epoch_end")]
-        epochs = [h for h in hist if h.get("epoch_end")]
+        steps = [h for h in hist if h.get("val_dice") is None]
+        checks = [h for h in hist if h.get("val_dice") is not None]
+
+        def x(h):
+            return (h["epoch"] - 1) + h["step"] / h["steps"]
+
         if steps:
-            x = [(h["epoch"] - 1) + h["step"] / h["steps"] for h in steps]
-            ax.plot(x, [h["loss"] for h in steps], color="tab:blue", lw=1, label="training loss")
-        if epochs:
-            ax.plot([h["epoch"] for h in epochs], [h["val_dice"] for h in epochs], "o-",
+            ax.plot([x(h) for h in steps], [h["loss"] for h in steps], color="tab:blue", lw=1,
+                    label="training loss")
+        if checks:
+            ax.plot([x(h) for h in checks], [h["val_dice"] for h in checks], "o-",
                     color="tab:orange", ms=3, label="validation Dice")
         ax.set_xlabel("epoch", fontsize=8)
         ax.tick_params(labelsize=7)
-        if steps or epochs:
+        if steps or checks:
             ax.legend(fontsize=7, loc="best")
         self.canvas.draw_idle()
 
@@ -498,10 +502,10 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
             bar.total = budget
             bar.n = min(int(info["seconds"]), budget)
             bar.set_description(f"Fine-tune epoch {info['epoch']}")
-        if info.get("epoch_end"):
+        if info.get("val_dice") is not None:
             self.status.setText(
-                f"Epoch {info['epoch']}: loss {info['loss']:.3f}, validation Dice {info['val_dice']:.3f} "
-                f"(best {info['best_dice']:.3f})"
+                f"Epoch {info['epoch']}, step {info['step']}/{info['steps']}: validation Dice "
+                f"{info['val_dice']:.3f} (best {info['best_dice']:.3f})"
             )
             self._redraw()
         elif info["step"] % 5 == 0:
@@ -512,16 +516,29 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
 
         self.controller.last_result = result
         self.controller.last_request = request
-        dock = segment_dock_for(self.viewer)
-        if dock is not None:
-            dock.set_model(str(result.path))
         for (image_name, _), uid in zip(request.pairs, request.layer_ids):
             if image_name not in self.viewer.layers or self.viewer.layers[image_name].unique_id != uid:
                 show_warning(f"layer {image_name!r} was removed during training; "
                              "the model was trained on the data as it was when Train was clicked")
+        for warning in result.warnings:
+            if not warning.startswith("no improvement"):
+                show_warning(warning)
+        if not result.improved:
+            # nothing was saved: the start model stays current, no new version is listed
+            self.status.setText(
+                f"No improvement over the start model (validation Dice {result.start_dice:.3f} was never "
+                f"beaten in {result.seconds:.0f} s): nothing saved. Train longer or annotate more."
+            )
+            show_warning("Fine-tune: no improvement over the start model; nothing was saved")
+            self._redraw()
+            return
+        dock = segment_dock_for(self.viewer)
+        if dock is not None:
+            dock.set_model(str(result.path))
         self.status.setText(
-            f"Saved {result.path.name}: best validation Dice {result.best_dice:.3f} (epoch "
-            f"{result.best_epoch}), stopped by {result.stopped}, {result.seconds:.0f} s on {result.device}."
+            f"Saved {result.path.name}: best validation Dice {result.best_dice:.3f} (start model "
+            f"{result.start_dice:.3f}; epoch {result.best_epoch}), stopped by {result.stopped}, "
+            f"{result.seconds:.0f} s on {result.device}."
         )
         show_info(f"Fine-tuned model saved: {result.path}")
         self.compare_button.setEnabled(True)
