@@ -203,9 +203,10 @@ def cmd_train(args) -> int:
         bar.total = info["epochs"] * info["steps"]
         bar.n = (info["epoch"] - 1) * info["steps"] + info["step"]
         bar.set_postfix(loss=f"{info['loss']:.3f}", best=f"{info['best_dice']:.3f}")
-        if info.get("epoch_end"):
-            print(f"epoch {info['epoch']}: loss {info['loss']:.4f}, validation Dice {info['val_dice']:.4f}",
-                  file=sys.stderr)
+        if info["val_dice"] is not None:
+            loss = "-" if info["loss"] is None else f"{info['loss']:.4f}"
+            print(f"epoch {info['epoch']} step {info['step']}/{info['steps']}: loss {loss}, "
+                  f"validation Dice {info['val_dice']:.4f} (best {info['best_dice']:.4f})", file=sys.stderr)
         return not interrupted
 
     previous = signal.signal(signal.SIGINT, on_sigint)
@@ -217,9 +218,12 @@ def cmd_train(args) -> int:
     finally:
         signal.signal(signal.SIGINT, previous)
         bar.close()
-    print(f"{result.path}: best validation Dice {result.best_dice:.4f} (epoch {result.best_epoch}), "
+    print(f"{result.path}: best validation Dice {result.best_dice:.4f} (epoch {result.best_epoch}, "
+          f"step {result.best_step}; start model {result.start_dice:.4f}), "
           f"stopped by {result.stopped}, {result.seconds:.0f} s on {result.device}; "
-          f"split {result.summary['split']}")
+          f"split {result.summary['split']}; head {result.model.provenance['training']['head']}")
+    for warning in result.warnings:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     return 130 if interrupted else 0
 
 
