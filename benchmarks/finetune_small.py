@@ -104,6 +104,48 @@ def dice(model, volume: np.ndarray, vent: np.ndarray, slices) -> float:
     return float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum()))
 
 
+def split_figure(task: str, path: Path) -> list:
+    """The split the engine makes when the ventricles are annotated on a single slice."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from napari_jointattn.engine.training import build_samples, start_model
+
+    volume, vent, _ = load_task(task)
+    (z,), _ = choose_slices(vent, 1)
+    labels = np.zeros(vent.shape, np.uint8)
+    labels[:, :, z] = vent[:, :, z]
+    model = start_model("nuclei", ["background", "ventricles"])
+    samples, summary = build_samples(model, [volume], [labels], axis=2)
+    s = samples[0]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.4))
+    img = np.rot90(volume[:, :, z])
+    for ax in axes:
+        ax.imshow(img, cmap="gray")
+        ax.contour(np.rot90(vent[:, :, z]), [0.5], colors="yellow", linewidths=0.8)
+        ax.axis("off")
+    overlay = np.zeros(s.train_mask.shape + (4,))
+    overlay[s.train_mask] = (0.2, 0.45, 1.0, 0.35)
+    overlay[s.val_mask] = (1.0, 0.5, 0.0, 0.45)
+    gap = ~s.train_mask & ~s.val_mask
+    overlay[gap] = (0.6, 0.6, 0.6, 0.55)
+    # samples are (rows, cols) of the moved axis-2 slice, the same orientation as volume[:, :, z]
+    axes[1].imshow(np.rot90(overlay))
+    axes[0].set_title(f"ventricles annotated on axial slice {z} only", fontsize=9)
+    axes[1].set_title("training / validation split", fontsize=9)
+    axes[1].legend(handles=[Patch(color=(0.2, 0.45, 1.0), label="training pixels"),
+                            Patch(color=(1.0, 0.5, 0.0), label="validation pixels"),
+                            Patch(color=(0.6, 0.6, 0.6), label="margin: used by neither")],
+                   loc="lower center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=7, frameon=False)
+    fig.text(0.5, -0.06, f"split: {summary['split']} (array axes of the slice)", ha="center", fontsize=8)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    print(f"{path}: {summary['split']}")
+    return [summary]
+
+
 def parse_value(text: str):
     for cast in (int, float):
         try:
@@ -125,10 +167,15 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seconds", type=float, default=120.0)
     p.add_argument("--slices", type=int, default=3)
+    p.add_argument("--epochs", type=int, help="a fixed number of 40-step epochs instead of --seconds "
+                                               "(design comparisons that do not depend on machine load)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="training settings")
     p.add_argument("--json", type=Path, help="also write the rows as JSON")
+    p.add_argument("--figure", type=Path, help="only draw the split of one annotated slice to this PNG")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
+    if args.figure:
+        return split_figure(args.task, args.figure)
 
     volume, vent, what = load_task(args.task)
     train_z, test_z = choose_slices(vent, args.slices)
@@ -144,8 +191,10 @@ def main(argv=None) -> list[dict]:
     for start in args.start:
         for seed in args.seeds:
             t = time.perf_counter()
+            budget = dict(epochs=args.epochs, patience=10**6) if args.epochs else \
+                dict(max_seconds=args.seconds, epochs=1000)
             result = train(start, [volume], [labels], axis=2, classes=["background", "ventricles"],
-                           max_seconds=args.seconds, epochs=1000, seed=seed, device="cpu", **overrides)
+                           seed=seed, device="cpu", **budget, **overrides)
             wall = time.perf_counter() - t
             row = {"task": args.task, "start": start, "seed": seed, "wall_s": round(wall, 1),
                    "steps": result.model.provenance["training"]["steps_run"],

@@ -155,3 +155,41 @@ def test_rollback_to_an_earlier_version(qtbot, docks, blobs, model_dir):
     assert seg.model_combo.currentData() == str(older)
     out = ft.controller.export(older, str(model_dir.parent / "exported"))
     assert load_model(out).provenance["parent"] == "start"
+
+
+def test_no_improvement_is_shown_and_not_listed_as_a_version(qtbot, docks, blobs, model_dir):
+    from napari_jointattn.widgets import finetune
+
+    viewer, seg, ft, start = docks
+    image, truth = blobs
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(truth.astype(np.uint8), name="cells labels")
+    ft.advanced = {**FAST, "lr": 1e-30}  # no weight can change: the start model is never beaten
+    ft.epochs_spin.setValue(1)
+    warned = []
+    original = finetune.FinetuneDock._done
+
+    def spy(self, request, result):
+        import napari.utils.notifications as notes
+
+        shown = notes.show_warning
+        notes.show_warning = warned.append
+        try:
+            original(self, request, result)
+        finally:
+            notes.show_warning = shown
+
+    finetune.FinetuneDock._done = spy
+    try:
+        ft.train_button.click()
+        wait_idle(qtbot, ft)
+    finally:
+        finetune.FinetuneDock._done = original
+    result = ft.controller.last_result
+    assert result is not None and not result.improved and result.path is None
+    assert "No improvement over the start model" in ft.status.text()
+    assert any("no improvement" in w for w in warned)
+    assert sorted(p.name for p in model_dir.iterdir()) == ["start.safetensors"]  # nothing saved
+    assert ft.versions_list.count() == 0
+    assert seg.model_combo.currentData() == str(start)  # the Segment dock keeps its model
+    assert not ft.compare_button.isEnabled()

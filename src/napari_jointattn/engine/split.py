@@ -154,12 +154,10 @@ def _by_strip(samples, annotated, val_fraction, wanted, k) -> Split | None:
                     cut = int(np.ceil(np.quantile(coords, q))) if val_high else int(np.floor(np.quantile(coords, q))) + 1
                     _apply_cut(samples, annotated, axis, cut, val_high, gap)
                     if _covers(samples, wanted, k):
-                        side = {(1, True): "right", (1, False): "left", (0, True): "bottom",
-                                (0, False): "top"}[(axis, val_high)]
                         what = "columns" if axis == 1 else "rows"
                         rel = ">=" if val_high else "<"
                         return Split("strip", f"by a strip through the annotated objects: {what} {rel} {cut} "
-                                              f"({side} part) for validation, gap {gap} px")
+                                              f"of each plane for validation, gap {gap} px")
         gap //= 2
     return None
 

@@ -212,7 +212,9 @@ class FinetuneController:
                 meta = read_metadata(path)
             except BadInputError:
                 continue
-            if "parent" in meta["provenance"]:
+            training = meta["provenance"].get("training")
+            unchanged = isinstance(training, dict) and training.get("improved") is False
+            if "parent" in meta["provenance"] and not unchanged:  # the start model again is no version
                 out.append((path, meta))
         return sorted(out, key=lambda pm: pm[1]["provenance"].get("saved", ""), reverse=True)
 
