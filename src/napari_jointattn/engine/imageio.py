@@ -4,18 +4,29 @@ Supported: TIFF (2-D, Z-stacks, RGB, multichannel), PNG/JPEG (alpha dropped)
 and NIfTI (``.nii``, ``.nii.gz``). Arrays come back with any channel axis
 last; NIfTI volumes keep their affine and header so labels written for them
 overlay the scan exactly.
+
+Axes come from the file's header where it declares them (NIfTI always; PNG
+and JPEG; TIFF unless tifffile reports an unknown axis): such an
+``ImageFile`` has ``axes_known`` set, and no colour guessing is applied to it.
+Every reader checks the size the header declares against the pixel limit
+(:mod:`.limits`) before decoding.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .errors import BadInputError
-from .files import write_atomic
+from .files import check_regular_file, write_atomic
+from .limits import check_decoded_size
+from .limits import max_pixels as _max_pixels
 
 TIFF_SUFFIXES = (".tif", ".tiff")
 PNG_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -30,6 +41,10 @@ class ImageFile:
     ``data`` has the spatial axes first and, when ``channel_axis`` is not
     None, the channels last (``channel_axis == data.ndim - 1``).
     ``default_axis`` is the axis 3-D volumes are sliced along by default.
+    ``axes_known``: the file's header says which axes are channels, so
+    ``channel_axis is None`` means "no channel axis" (a 64 x 64 x 3 NIfTI
+    volume is three slices, not an RGB image). ``time_axis``: for a time
+    series (4-D NIfTI), the axis of the time points, after the spatial axes.
     """
 
     path: Path
@@ -40,10 +55,39 @@ class ImageFile:
     affine: np.ndarray | None = None
     header: object | None = None
     extra: dict = field(default_factory=dict)
+    axes_known: bool = False
+    time_axis: int | None = None
 
     @property
     def spatial_shape(self) -> tuple[int, ...]:
-        return self.data.shape if self.channel_axis is None else self.data.shape[:-1]
+        skip = {self.channel_axis, self.time_axis}
+        return tuple(n for i, n in enumerate(self.data.shape) if i not in skip)
+
+    @property
+    def time_points(self) -> int:
+        return 1 if self.time_axis is None else self.data.shape[self.time_axis]
+
+    def channels_last(self) -> tuple[np.ndarray, int | None]:
+        """(data, channel axis) as ``prepare_channels`` should see them.
+
+        With header-declared axes and no channel axis, a trailing axis of one
+        channel is added so that no colour rule can apply.
+        """
+        if self.channel_axis is None and self.axes_known:
+            return self.data[..., None], self.data.ndim
+        return self.data, self.channel_axis
+
+    def time_point(self, t: int) -> ImageFile:
+        """One volume of a time series (a view), with the same geometry."""
+        if self.time_axis is None:
+            return self
+        index = [slice(None)] * self.data.ndim
+        index[self.time_axis] = t
+        ch = self.channel_axis
+        if ch is not None and ch > self.time_axis:
+            ch -= 1
+        return ImageFile(self.path, self.data[tuple(index)], self.format, ch, self.default_axis,
+                         self.affine, self.header, dict(self.extra), self.axes_known, None)
 
     @property
     def stem(self) -> str:
@@ -72,7 +116,10 @@ def output_stem(path: str | os.PathLike) -> str:
 
 
 def list_inputs(paths: list[str | os.PathLike]) -> list[Path]:
-    """Expand folders into the supported images they contain (not recursive)."""
+    """Expand folders into the supported images they contain (not recursive).
+
+    In folders, only regular files are taken (no FIFOs, devices or sockets).
+    """
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
@@ -89,13 +136,15 @@ def list_inputs(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def read_image(path: str | os.PathLike) -> ImageFile:
-    """Read one image file; any failure becomes a one-line ``BadInputError``."""
+def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> ImageFile:
+    """Read one image file; any failure becomes a one-line ``BadInputError``.
+
+    The size the file's header declares is checked against the pixel limit
+    (``max_pixels``, else ``$NAPARI_JOINTATTN_MAX_PIXELS``, else
+    :data:`.limits.DEFAULT_MAX_PIXELS`) before anything is decoded.
+    """
     path = Path(path)
-    if not path.exists():
-        raise BadInputError(f"{path}: no such file")
-    if path.is_dir():
-        raise BadInputError(f"{path} is a directory, not an image file")
+    check_regular_file(path, "image file")
     fmt = file_format(path)
     if fmt is None:
         raise BadInputError(
@@ -103,21 +152,25 @@ def read_image(path: str | os.PathLike) -> ImageFile:
         )
     if path.stat().st_size == 0:
         raise BadInputError(f"{path}: empty file")
+    limit = _max_pixels(max_pixels)
     try:
-        if fmt == "tiff":
-            img = _read_tiff(path)
-        elif fmt == "png":
-            img = _read_png(path)
-        else:
-            img = _read_nifti(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # reader chatter; problems become BadInputError
+            if fmt == "tiff":
+                img = _read_tiff(path, limit)
+            elif fmt == "png":
+                img = _read_png(path, limit)
+            else:
+                img = _read_nifti(path, limit)
     except BadInputError:
         raise
     except MemoryError as exc:
-        raise BadInputError(f"{path}: too large to load into memory") from exc
+        raise BadInputError(f"{path.name}: not enough memory to load it") from exc
     except Exception as exc:  # every reader failure is a bad file for the user
         raise BadInputError(f"cannot read {path.name} as {fmt.upper()}: {_short(exc)}") from exc
     _check_spatial(img)
     return img
+
 
 
 def _short(exc: Exception) -> str:
@@ -125,12 +178,20 @@ def _short(exc: Exception) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-def _read_tiff(path: Path) -> ImageFile:
+def _read_tiff(path: Path, limit: int) -> ImageFile:
+    """The largest series (an OME-TIFF may store a thumbnail first), full resolution."""
     import tifffile
 
     with tifffile.TiffFile(path) as tif:
-        series = tif.series[0]
+        all_series = list(tif.series)
+        if not all_series:
+            raise BadInputError(f"{path.name}: the TIFF holds no image")
+        index = max(range(len(all_series)), key=lambda i: (math.prod(all_series[i].shape), -i))
+        series = all_series[index]
         axes = series.axes
+        shape = tuple(series.shape)
+        channels = math.prod(n for n, a in zip(shape, axes) if a in "SC")
+        check_decoded_size(path.name, [n for n, a in zip(shape, axes) if a not in "SC"], channels, limit)
         data = series.asarray()
     # squeeze singleton axes, keeping their letters in step
     keep = [i for i, n in enumerate(data.shape) if n > 1]
@@ -147,13 +208,38 @@ def _read_tiff(path: Path) -> ImageFile:
                 axes = axes[:idx] + axes[idx + 1 :] + letter
             channel_axis = data.ndim - 1
             break
-    return ImageFile(path, data, "tiff", channel_axis, extra={"axes": axes})
+    extra = {"axes": axes, "series": index, "series_count": len(all_series)}
+    # "Q": tifffile could not tell what the axis is; then the colour rules may guess
+    return ImageFile(path, data, "tiff", channel_axis, extra=extra, axes_known="Q" not in axes)
 
 
-def _read_png(path: Path) -> ImageFile:
-    import imageio.v3 as iio
+_PIL_LOCK = threading.Lock()
 
-    data = np.asarray(iio.imread(path))
+
+def _pil_open(path: Path):
+    """Open lazily (header only). Pillow's own bomb check is replaced by the pixel limit."""
+    from PIL import Image
+
+    with _PIL_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _read_png(path: Path, limit: int) -> ImageFile:
+    with _pil_open(path) as im:
+        w, h = im.size
+        check_decoded_size(path.name, (h, w), len(im.getbands()), limit)
+        if im.mode in ("P", "PA"):
+            im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+        elif im.mode == "1":
+            im = im.convert("L")
+        elif im.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+            im = im.convert("RGB")
+        data = np.asarray(im)
     channel_axis = None
     if data.ndim == 3:
         if data.shape[-1] == 4:
@@ -164,7 +250,7 @@ def _read_png(path: Path) -> ImageFile:
             data = data[..., 0]
         else:
             channel_axis = 2
-    return ImageFile(path, data, "png", channel_axis)
+    return ImageFile(path, data, "png", channel_axis, axes_known=True)
 
 
 def axial_axis(affine: np.ndarray) -> int:
@@ -178,14 +264,36 @@ def axial_axis(affine: np.ndarray) -> int:
     return 2
 
 
-def _read_nifti(path: Path) -> ImageFile:
+def _read_nifti(path: Path, limit: int) -> ImageFile:
+    """NIfTI axes: x, y, z, then time (4th), then vector components (5th).
+
+    A 3-D volume never has a channel axis, whatever its size; a 4-D file is a
+    time series (each time point is segmented on its own); a 5th axis holds
+    channels.
+    """
     import nibabel as nib
 
     img = nib.load(str(path))
-    data = np.asarray(img.dataobj)
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    channel_axis = 3 if data.ndim == 4 else None
+    shape = tuple(int(n) for n in img.shape)
+    if len(shape) > 5:
+        raise BadInputError(f"{path.name}: {len(shape)}-D NIfTI {shape}; supported are 2-D to 5-D")
+    # drop singleton time (and component) axes, from the end
+    keep = list(shape)
+    while len(keep) > 3 and keep[-1] == 1:
+        keep.pop()
+    if len(keep) == 5 and keep[3] == 1:  # x, y, z, 1, components
+        keep = keep[:3] + keep[4:]
+        channel_axis, time_axis = 3, None
+    elif len(keep) == 5:
+        channel_axis, time_axis = 4, 3
+    elif len(keep) == 4:
+        channel_axis, time_axis = None, 3
+    else:
+        channel_axis, time_axis = None, None
+    channels = keep[channel_axis] if channel_axis is not None else 1
+    pixel_dims = [n for i, n in enumerate(keep) if i != channel_axis]
+    check_decoded_size(path.name, pixel_dims, channels, limit)
+    data = np.asarray(img.dataobj).reshape(keep)
     return ImageFile(
         path,
         data,
@@ -194,6 +302,8 @@ def _read_nifti(path: Path) -> ImageFile:
         default_axis=axial_axis(img.affine),
         affine=np.asarray(img.affine),
         header=img.header,
+        axes_known=True,
+        time_axis=time_axis,
     )
 
 
@@ -215,8 +325,12 @@ def label_dtype(labels: np.ndarray) -> np.dtype:
     return np.dtype(np.uint16 if top < 2**16 else np.uint32)
 
 
-def write_labels(path: str | os.PathLike, labels: np.ndarray, like: ImageFile | None = None) -> Path:
-    """Write integer labels atomically; NIfTI keeps ``like``'s affine and header."""
+def write_labels(path: str | os.PathLike, labels: np.ndarray, like: ImageFile | None = None,
+                 overwrite: bool = True) -> Path:
+    """Write integer labels atomically; NIfTI keeps ``like``'s affine and header.
+
+    ``overwrite=False``: an existing file is never replaced (``BadInputError``).
+    """
     path = Path(path)
     labels = np.asarray(labels)
     dtype = label_dtype(labels)
@@ -232,25 +346,30 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, like: ImageFile | 
 
         def writer(tmp: Path) -> None:
             real = tmp.with_name(tmp.name + suffix)
-            nib.save(out, str(real))
-            os.replace(real, tmp)
+            try:
+                nib.save(out, str(real))
+                os.replace(real, tmp)
+            finally:
+                if real.exists():
+                    real.unlink()
 
-        return write_atomic(path, writer)
-    return write_tiff(path, labels.astype(dtype))
+        return write_atomic(path, writer, overwrite=overwrite)
+    return write_tiff(path, labels.astype(dtype), overwrite=overwrite)
 
 
-def write_tiff(path: str | os.PathLike, data: np.ndarray, description: str | None = None) -> Path:
+def write_tiff(path: str | os.PathLike, data: np.ndarray, description: str | None = None,
+               overwrite: bool = True) -> Path:
     import tifffile
 
     def writer(tmp: Path) -> None:
         tifffile.imwrite(tmp, data, compression="zlib", description=description, metadata=None)
 
-    return write_atomic(path, writer)
+    return write_atomic(path, writer, overwrite=overwrite)
 
 
-def read_labels(path: str | os.PathLike) -> np.ndarray:
+def read_labels(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
     """Read a label image (integer ids; channel axes are not allowed)."""
-    img = read_image(path)
+    img = read_image(path, max_pixels=max_pixels)
     if img.channel_axis is not None:
         raise BadInputError(f"{img.path.name}: a label image must have no channel axis")
     data = img.data

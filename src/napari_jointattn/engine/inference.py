@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import check_axis, to_array
 from .devices import autocast, describe_device, free_cache, is_out_of_memory, resolve_device
 from .errors import BadInputError, Cancelled
 from .imageio import ImageFile, read_image
@@ -25,6 +26,9 @@ from .postprocess import argmax_labels, split_instances
 Callback = Callable[[dict], "bool | None"]
 
 MIN_TILE = 64
+#: tiles overlap by at most this fraction: the work grows as 1 / (1 - overlap)**2
+#: (0.9: 100 times the work of no overlap; 0.999 would be a million times)
+MAX_OVERLAP = 0.9
 # planes above BAND_PIXELS * 1.5 pixels are processed in row bands of about
 # BAND_PIXELS, each widened by BAND_MARGIN rows of context on both sides, so
 # memory stays bounded for huge images (see plane_bands)
@@ -66,9 +70,7 @@ def prepare_channels(
     A 1-channel model given several channels uses their mean (alpha
     dropped). Spatial dimensionality must be 2 or 3.
     """
-    arr = np.asarray(image)
-    if arr.dtype.kind not in "biuf":
-        raise BadInputError(f"unsupported pixel type {arr.dtype}")
+    arr = to_array(image)
     if arr.ndim < 2:
         raise BadInputError(f"an image needs at least 2 dimensions, got shape {arr.shape}")
     if channel_axis is not None:
@@ -226,13 +228,47 @@ def _owned_instances(inst: np.ndarray, r0: int, r1: int, e0: int) -> np.ndarray:
     return ids[(counts > 0) & (centroid >= r0) & (centroid < r1) & (ids > 0)]
 
 
-def _as_array(image) -> tuple[np.ndarray, int | None, int]:
-    """-> (array, channel_axis, default slicing axis)."""
+def _as_array(image, channel_axis: int | None = None) -> tuple[np.ndarray, int | None, int]:
+    """-> (array, channel_axis, default slicing axis).
+
+    An explicit ``channel_axis`` refers to the image's own axes; otherwise a
+    file's header-declared axes are used (see ``ImageFile.channels_last``).
+    """
     if isinstance(image, (str, os.PathLike)):
         image = read_image(image)
     if isinstance(image, ImageFile):
-        return image.data, image.channel_axis, image.default_axis
-    return np.asarray(image), None, 0
+        if channel_axis is not None:
+            return image.data, channel_axis, image.default_axis
+        data, ch = image.channels_last()
+        return data, ch, image.default_axis
+    return to_array(image), channel_axis, 0
+
+
+def _segment_series(image: ImageFile, callback: Callback | None, **kwargs) -> Segmentation:
+    """Each time point of a time series on its own; labels stacked on the time axis."""
+    start = time.perf_counter()
+    n = image.time_points
+    results: list[Segmentation] = []
+    for t in range(n):
+        def scaled(info: dict, t=t) -> bool | None:
+            total = info["total"] * n
+            return callback({**info, "done": t * info["total"] + info["done"], "total": total,
+                             "message": f"time point {t + 1}/{n}: {info['message']}"})
+
+        results.append(segment(image.time_point(t), callback=scaled if callback else None, **kwargs))
+    ax = image.time_axis
+    if image.channel_axis is not None and image.channel_axis < ax:
+        ax -= 1
+    first = results[0]
+    return Segmentation(
+        labels=np.stack([r.labels for r in results], axis=ax),
+        attention={k: np.stack([r.attention[k] for r in results], axis=ax) for k in first.attention},
+        device=results[-1].device,
+        notes=[f"time point {t + 1}: {note}" for t, r in enumerate(results) for note in r.notes],
+        seconds=time.perf_counter() - start,
+        instances=first.instances,
+        slices=first.slices,
+    )
 
 
 def segment(
@@ -251,31 +287,41 @@ def segment(
 ) -> Segmentation:
     """Segment a 2-D image or a 3-D stack (slice by slice along ``axis``).
 
-    ``image``: an array, an :class:`ImageFile` or a path. ``model``: a
-    :class:`Model`, a preset name or a model file. ``slices`` restricts a
-    stack to some slice indices (others are labelled 0). On CUDA out of
-    memory the tile is halved down to 64 px, then the CPU is used; each step
-    is recorded in ``notes``. Raises :class:`BadInputError` for bad input and
-    :class:`Cancelled` when ``callback`` returns ``False``.
+    ``image``: an array (or tensor), an :class:`ImageFile` or a path.
+    ``model``: a :class:`Model`, a preset name or a model file. ``slices``
+    restricts a stack to some slice indices (others are labelled 0). A time
+    series (4-D NIfTI) is segmented one time point after the other; its
+    labels keep the time axis. On CUDA out of memory the tile is halved down
+    to 64 px, then the CPU is used; each step is recorded in ``notes``.
+    Raises :class:`BadInputError` for bad input and :class:`Cancelled` when
+    ``callback`` returns ``False``.
     """
     start = time.perf_counter()
     model = load_model(model)
-    if not isinstance(tile, (int, np.integer)) or tile < MIN_TILE:
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < MIN_TILE:
         raise BadInputError(f"tile must be an integer of at least {MIN_TILE} pixels, got {tile!r}")
-    if not 0 <= overlap < 1:
-        raise BadInputError(f"overlap must be in [0, 1), got {overlap!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float, np.floating)) \
+            or not 0 <= overlap <= MAX_OVERLAP:
+        raise BadInputError(
+            f"overlap must be a number in [0, {MAX_OVERLAP}], got {overlap!r} "
+            "(the work grows as 1 / (1 - overlap)^2)"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise BadInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    axis = check_axis(axis)
+    if isinstance(image, (str, os.PathLike)):
+        image = read_image(image)
+    if isinstance(image, ImageFile) and image.time_axis is not None and channel_axis is None:
+        return _segment_series(image, callback, model=model, device=device, tile=tile, overlap=overlap,
+                               batch_size=batch_size, axis=axis, slices=slices, attention=attention)
     dev = resolve_device(device)
-    arr, file_channel_axis, default_axis = _as_array(image)
-    if channel_axis is None:
-        channel_axis = file_channel_axis
+    arr, channel_axis, default_axis = _as_array(image, channel_axis)
     data = prepare_channels(arr, model.in_channels, channel_axis)
     spatial_shape = data.shape[:-1]
 
     is_stack = len(spatial_shape) == 3
     if is_stack:
         ax = default_axis if axis is None else axis
-        if not -3 <= ax < 3:
-            raise BadInputError(f"axis {ax} does not exist for a 3-D stack")
         ax %= 3
         data = np.moveaxis(data, ax, 0)
     else:

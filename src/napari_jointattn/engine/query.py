@@ -51,7 +51,7 @@ class AttentionQuery:
         device: str | torch.device = "cpu",
     ) -> None:
         self.model = load_model(model)
-        self.data = prepare_channels(np.asarray(image), self.model.in_channels, channel_axis)
+        self.data = prepare_channels(image, self.model.in_channels, channel_axis)
         self.is_stack = self.data.ndim == 4
         self.tile = int(tile)
         self.device = torch.device(device)
