@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .checks import check_axis, to_array
 from .errors import BadInputError
 from .imageio import ImageFile, read_image, read_labels
 from .labels import to_classes
@@ -43,6 +44,7 @@ def evaluate(
     (2-D slices matched separately).
     """
     model = load_model(model)
+    axis = check_axis(axis)
     if len(images) != len(labels):
         raise BadInputError(f"{len(images)} images but {len(labels)} label images")
     if not images:
@@ -53,7 +55,10 @@ def evaluate(
     tp = fp = fn = 0
     for image, label in zip(images, labels):
         img = read_image(image) if isinstance(image, (str, os.PathLike)) else image
-        truth = read_labels(label) if isinstance(label, (str, os.PathLike)) else np.asarray(label)
+        if isinstance(img, ImageFile) and img.time_axis is not None:
+            raise BadInputError(f"{img.path.name} is a time series of {img.time_points} volumes; "
+                                "evaluate takes 2-D images and 3-D volumes (one volume per file)")
+        truth = read_labels(label) if isinstance(label, (str, os.PathLike)) else to_array(label, "labels")
         result = segment(img, model, device=device, tile=tile, axis=axis, callback=callback)
         shape = result.labels.shape
         if truth.shape != shape:

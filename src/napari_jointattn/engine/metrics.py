@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -40,32 +42,39 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing=None) -> float:
         return float("nan")
     p = torch.from_numpy(pred)[None, None]
     t = torch.from_numpy(truth)[None, None]
-    value = compute_hausdorff_distance(p, t, percentile=95, spacing=spacing)
+    with warnings.catch_warnings():  # MONAI's deprecation notices about its own internals
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        value = compute_hausdorff_distance(p, t, percentile=95, spacing=spacing)
     return float(value.item())
 
 
 def match_instances(pred: np.ndarray, truth: np.ndarray, threshold: float = 0.5) -> tuple[int, int, int]:
-    """(TP, FP, FN) of instance matching at IoU >= threshold (>= 0.5 makes matches unique)."""
-    pred = np.asarray(pred)
-    truth = np.asarray(truth)
+    """(TP, FP, FN) of instance matching at IoU >= threshold (>= 0.5 makes matches unique).
+
+    Only pairs of objects that overlap are counted, so memory grows with the
+    number of pixels, not with (truth objects x predicted objects): a million
+    distinct ids cost what a million pixels cost.
+    """
+    if threshold < 0.5:  # pragma: no cover - only >= 0.5 is used
+        raise ValueError("threshold must be >= 0.5")
+    pred = np.asarray(pred).ravel()
+    truth = np.asarray(truth).ravel()
     p_ids, p_inv = np.unique(pred, return_inverse=True)
     t_ids, t_inv = np.unique(truth, return_inverse=True)
-    counts = np.bincount(
-        t_inv.ravel() * len(p_ids) + p_inv.ravel(), minlength=len(t_ids) * len(p_ids)
-    ).reshape(len(t_ids), len(p_ids))
+    p_inv = p_inv.ravel().astype(np.int64, copy=False)
+    t_inv = t_inv.ravel().astype(np.int64, copy=False)
+    p_area = np.bincount(p_inv, minlength=len(p_ids))
+    t_area = np.bincount(t_inv, minlength=len(t_ids))
     t_fg = t_ids != 0
     p_fg = p_ids != 0
-    inter = counts[np.ix_(t_fg, p_fg)].astype(float)
-    t_area = counts[t_fg].sum(1)[:, None]
-    p_area = counts[:, p_fg].sum(0)[None, :]
-    union = t_area + p_area - inter
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = np.where(union > 0, inter / union, 0.0)
-    if threshold >= 0.5:
-        tp = int((iou >= threshold).any(axis=1).sum()) if iou.size else 0
-        # strictly greater than 0.5 guarantees uniqueness; at exactly 0.5 count once
-    else:  # pragma: no cover - only >= 0.5 is used
-        raise ValueError("threshold must be >= 0.5")
+    both = t_fg[t_inv] & p_fg[p_inv]
+    pairs, inter = np.unique(t_inv[both] * len(p_ids) + p_inv[both], return_counts=True)
+    ti, pi = np.divmod(pairs, len(p_ids))
+    union = t_area[ti] + p_area[pi] - inter
+    iou = inter / np.maximum(union, 1)
+    # strictly greater than 0.5 guarantees uniqueness; at exactly 0.5 count once
+    tp = int(len(np.unique(ti[iou >= threshold])))
     n_t, n_p = int(t_fg.sum()), int(p_fg.sum())
     return tp, n_p - tp, n_t - tp
 
