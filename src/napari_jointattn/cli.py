@@ -1,15 +1,22 @@
 """Command line: ``napari-jointattn segment | evaluate | train | models``.
 
 Bad input exits with status 2 and one line on stderr, never a traceback, and
-never leaves a partial output file (every write is atomic).
+never leaves a partial output file (every write is atomic; SIGINT and SIGTERM
+remove the temporary file). ``segment`` never replaces a file it did not
+create unless ``--overwrite`` is given. Library warnings and log lines are
+kept off stderr (pass ``python -W default`` to see warnings).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import re
+import logging
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 from . import __version__
@@ -19,7 +26,37 @@ PROG = "napari-jointattn"
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, status 2
-        self.exit(2, f"{PROG}: error: {message}\n")
+        from .engine.errors import one_line
+
+        self.exit(2, f"{PROG}: error: {one_line(message)}\n")
+
+
+def _axis(text: str) -> int:
+    """--axis: an integer in [-3, 2], checked before any work (as segment checks it)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid axis {text!r}: give 0, 1 or 2") from None
+    if not -3 <= value < 3:
+        raise argparse.ArgumentTypeError(f"axis {value} does not exist for a 3-D stack (use 0, 1 or 2)")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"seed must be an integer in [0, 4294967295], got {text!r}")
+    return value
+
+
+def _show(text: object) -> str:
+    """A file name or description as one printable line."""
+    from .engine.errors import one_line
+
+    return one_line(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,17 +72,19 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="nuclei", help="preset name or model file (default: nuclei)")
     s.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     _device_args(s)
-    s.add_argument("--axis", type=int, default=None,
+    s.add_argument("--axis", type=_axis, default=None,
                    help="slice 3-D stacks along this axis (TIFF default 0; NIfTI: the axial axis)")
     s.add_argument("--attention", action="store_true",
                    help="also write attention maps: DIR/<stem>_attention_<module>.tif")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (default: skip inputs whose outputs exist)")
 
     e = sub.add_parser("evaluate", help="score a model against reference labels (prints JSON)")
     e.add_argument("--model", default="nuclei", help="preset name or model file")
     e.add_argument("--image", action="append", required=True, metavar="I")
     e.add_argument("--labels", action="append", required=True, metavar="L")
     _device_args(e)
-    e.add_argument("--axis", type=int, default=None)
+    e.add_argument("--axis", type=_axis, default=None)
 
     t = sub.add_parser("train", help="train or fine-tune a model on annotated images")
     t.add_argument("--image", action="append", required=True, metavar="I")
@@ -62,8 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--val-fraction", type=float, default=0.2)
     t.add_argument("--no-augment", action="store_true")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--axis", type=int, default=None)
+    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--axis", type=_axis, default=None)
     t.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
 
     m = sub.add_parser("models", help="list presets and saved models")
@@ -94,36 +133,32 @@ class _Progress:
         self.bar.close()
 
 
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
-
-
 def cmd_segment(args) -> int:
     import numpy as np
 
+    from .engine.batch import plan_segment
     from .engine.devices import resolve_device
     from .engine.errors import BadInputError
-    from .engine.imageio import list_inputs, output_stem, read_image, write_labels, write_tiff
+    from .engine.imageio import read_image, write_labels, write_tiff
     from .engine.models import load_model
     from .engine.inference import segment
 
     device = resolve_device(args.device)
     model = load_model(args.model)
-    inputs = list_inputs(args.inputs)
-    stems: dict[str, Path] = {}
-    for path in inputs:
-        stem = output_stem(path)
-        if stem in stems:
-            raise BadInputError(f"{path} and {stems[stem]} would write the same output name {stem!r}")
-        stems[stem] = path
+    modules = [name for name, _ in model.net.attention_modules()] if args.attention else []
+    plan = plan_segment(args.inputs, args.out, modules, overwrite=args.overwrite)
+    for path, reason in plan.skipped:
+        print(f"skipped {_show(path)}: {_show(reason)}", file=sys.stderr)
+    if not plan.jobs:
+        print(f"nothing to segment ({len(plan.skipped)} input(s) skipped)", file=sys.stderr)
+        return 0
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise BadInputError(f"--out {out} exists and is not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BadInputError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
-    for path in inputs:
+    for job in plan.jobs:
+        path = job.input
         img = read_image(path)
         bar = _Progress(path.name)
         try:
@@ -131,27 +166,28 @@ def cmd_segment(args) -> int:
                              attention=args.attention, callback=bar)
         finally:
             bar.close()
-        suffix = ".nii.gz" if img.format == "nifti" else ".tif"
-        target = out / f"{img.stem}_labels{suffix}"
-        write_labels(target, result.labels, like=img)
+        target = job.outputs[0]
+        write_labels(target, result.labels, like=img, overwrite=args.overwrite)
         written = [target]
         if args.attention:
-            modules: dict[str, list[str]] = {}
+            by_module: dict[str, list[str]] = {}
             for name in result.attention:
                 module, _, map_name = name.rpartition(" ")
-                modules.setdefault(module, []).append(map_name)
-            for module, map_names in modules.items():
+                by_module.setdefault(module, []).append(map_name)
+            for module, target in zip(modules, job.outputs[1:]):
+                map_names = by_module.get(module)
+                if not map_names:
+                    continue
                 stack = np.stack([result.attention[f"{module} {m}"] for m in map_names])
                 desc = json.dumps({"module": module, "maps": map_names})
-                target = out / f"{img.stem}_attention_{_slug(module)}.tif"
-                write_tiff(target, stack.astype(np.float32), description=desc)
+                write_tiff(target, stack.astype(np.float32), description=desc, overwrite=args.overwrite)
                 written.append(target)
         n = int(result.labels.max()) if result.instances else len(np.unique(result.labels)) - 1
         what = "objects" if result.instances else "classes present"
-        print(f"{path.name}: {n} {what}, {result.seconds:.2f} s on {result.device} -> "
-              + ", ".join(str(w) for w in written))
+        print(f"{_show(path.name)}: {n} {what}, {result.seconds:.2f} s on {result.device} -> "
+              + ", ".join(_show(w) for w in written))
         for note in result.notes:
-            print(f"  note: {note}", file=sys.stderr)
+            print(f"  note: {_show(note)}", file=sys.stderr)
     return 0
 
 
@@ -160,14 +196,15 @@ def cmd_evaluate(args) -> int:
     from .engine.errors import BadInputError
     from .engine.evaluation import evaluate
 
+    from .engine.files import check_regular_file
+
     device = resolve_device(args.device)
     if len(args.image) != len(args.labels):
         raise BadInputError(f"{len(args.image)} --image but {len(args.labels)} --labels")
     for p in args.image + args.labels:
-        if not Path(p).is_file():
-            raise BadInputError(f"{p}: no such file")
+        check_regular_file(p, "image file")
     result = evaluate(args.model, args.image, args.labels, device=device, tile=args.tile, axis=args.axis)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2, allow_nan=False))
     return 0
 
 
@@ -179,25 +216,34 @@ def cmd_train(args) -> int:
     from .engine.imageio import read_image, read_labels
     from .engine.training import train
 
+    from .engine.checks import check_classes, check_output_file
+    from .engine.files import check_regular_file
+    from .engine.training import TrainSettings
+
     resolve_device(args.device)
     if len(args.image) != len(args.labels):
         raise BadInputError(f"{len(args.image)} --image but {len(args.labels)} --labels")
     if args.mask and len(args.mask) != len(args.image):
         raise BadInputError(f"{len(args.mask)} --mask for {len(args.image)} --image")
-    if not args.out.endswith(".safetensors"):
-        raise BadInputError(f"--out must end in .safetensors: {args.out}")
+    # every argument is checked before any file is read or any step is taken
+    check_output_file(args.out)
+    classes = check_classes([c.strip() for c in args.classes.split(",")], "--classes") \
+        if args.classes is not None else None
+    TrainSettings(epochs=args.epochs, max_seconds=args.max_seconds, lr=args.lr,
+                  val_fraction=args.val_fraction, seed=args.seed).validate()
+    for p in args.image + args.labels + (args.mask or []):
+        check_regular_file(p, "image file")
     images = [read_image(p) for p in args.image]
     labels = [read_labels(p) for p in args.labels]
     masks = [read_labels(p) != 0 for p in args.mask] if args.mask else None
-    classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
 
     from tqdm import tqdm
 
     bar = tqdm(desc="train", unit="step", file=sys.stderr, disable=not sys.stderr.isatty())
     interrupted = []
 
-    def on_sigint(signum, frame):
-        interrupted.append(True)
+    def on_sigint(signum, frame):  # SIGINT or SIGTERM: stop after this step, keep the best weights
+        interrupted.append(signum)
 
     def callback(info):
         bar.total = info["epochs"] * info["steps"]
@@ -210,6 +256,7 @@ def cmd_train(args) -> int:
         return not interrupted
 
     previous = signal.signal(signal.SIGINT, on_sigint)
+    previous_term = signal.signal(signal.SIGTERM, on_sigint)
     try:
         result = train(args.start, images, labels, masks=masks, axis=args.axis, classes=classes,
                        out=args.out, epochs=args.epochs, max_seconds=args.max_seconds, lr=args.lr,
@@ -217,6 +264,7 @@ def cmd_train(args) -> int:
                        device=args.device, callback=callback)
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         bar.close()
     print(f"{result.path}: best validation Dice {result.best_dice:.4f} (epoch {result.best_epoch}, "
           f"step {result.best_step}; start model {result.start_dice:.4f}), "
@@ -224,35 +272,60 @@ def cmd_train(args) -> int:
           f"split {result.summary['split']}; head {result.model.provenance['training']['head']}")
     for warning in result.warnings:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
-    return 130 if interrupted else 0
+    return 128 + int(interrupted[0]) if interrupted else 0
 
 
 def cmd_models(args) -> int:
-    from .engine.errors import BadInputError
-    from .engine.models import PRESET_DIR, model_dir, read_metadata, saved_models
-    from .engine.presets import PRESETS
+    from .engine.models import finite_json, list_models, model_dir
 
-    rows = []
-    for name, spec in PRESETS.items():
-        path = PRESET_DIR / f"{name}.safetensors"
-        meta = read_metadata(path) if path.is_file() else None
-        rows.append(("preset", name, path if meta else None, meta, spec["description"]))
-    for path in saved_models():
-        try:
-            meta = read_metadata(path)
-            rows.append(("saved", path.stem, path, meta, meta.get("description", "")))
-        except BadInputError as exc:
-            rows.append(("saved", path.stem, path, None, f"unreadable: {exc}"))
+    rows = list_models()
     if args.json:
-        print(json.dumps([{"kind": k, "name": n, "path": str(p) if p else None, "metadata": m}
-                          for k, n, p, m, _ in rows], indent=2))
+        print(json.dumps(finite_json([
+            {"kind": r["kind"], "name": r["name"], "path": str(r["path"]) if r["path"] else None,
+             "metadata": r["metadata"], "error": r["error"]} for r in rows]), indent=2, allow_nan=False))
         return 0
-    print(f"model folder: {model_dir()}")
-    for kind, name, path, meta, desc in rows:
-        classes = ", ".join(meta["classes"]) if meta else "-"
-        state = "" if meta or kind == "saved" else "  [no bundled weights]"
-        print(f"{kind:6s} {name:20s} classes: {classes}{state}\n       {desc}")
+    print(f"model folder: {_show(model_dir())}")
+    for r in rows:
+        meta = r["metadata"]
+        classes = ", ".join(_show(c) for c in meta["classes"]) if meta else "-"
+        if r["error"]:
+            state, desc = "  [broken]", r["error"]
+        elif meta is None:
+            state, desc = "  [no bundled weights]", r["description"]
+        else:
+            state, desc = "", r["description"]
+        print(f"{r['kind']:6s} {_show(r['name']):20s} classes: {classes}{state}\n       {_show(desc)}")
     return 0
+
+
+class _Terminated(BaseException):
+    """SIGTERM (e.g. a batch scheduler's time limit): unwinds like Ctrl-C, cleaning up."""
+
+
+@contextlib.contextmanager
+def _quiet_and_interruptible():
+    """Library warnings and log lines off stderr; SIGTERM raises ``_Terminated``."""
+    noisy = [logging.getLogger(name) for name in ("nibabel", "PIL", "tifffile", "imageio", "monai", "py.warnings")]
+    levels = [lg.level for lg in noisy]
+    previous = None
+    on_main = threading.current_thread() is threading.main_thread()
+    with warnings.catch_warnings():
+        if not sys.warnoptions:
+            warnings.simplefilter("ignore")
+        for lg in noisy:
+            lg.setLevel(logging.CRITICAL + 1)
+        if on_main:
+            def on_term(signum, frame):
+                raise _Terminated()
+
+            previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            yield
+        finally:
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
+            for lg, level in zip(noisy, levels):
+                lg.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,20 +339,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from .engine.errors import BadInputError, Cancelled
 
+    from .engine.errors import one_line
+
+    command = {"segment": cmd_segment, "evaluate": cmd_evaluate, "train": cmd_train,
+               "models": cmd_models}[args.command]
     try:
-        return {"segment": cmd_segment, "evaluate": cmd_evaluate, "train": cmd_train,
-                "models": cmd_models}[
-            args.command
-        ](args)
+        with _quiet_and_interruptible():
+            return command(args)
     except BadInputError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except MemoryError:
-        print(f"{PROG}: error: not enough memory (try a smaller --tile)", file=sys.stderr)
+        print(f"{PROG}: error: not enough memory for this input on this machine", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Cancelled):
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print(f"{PROG}: terminated (SIGTERM)", file=sys.stderr)
+        return 143
 
 
 if __name__ == "__main__":

@@ -1,0 +1,121 @@
+"""Planning a folder run: which inputs to segment, what each writes, what is skipped.
+
+Rules (the command line's ``segment``; API users can call :func:`plan_segment`):
+
+* Inputs are listed before anything is written, so an output of this run is
+  never read as an input of the same run.
+* An input whose path is an output this run would write is skipped; so is a
+  file found by expanding a folder that is also the output folder and whose
+  name is an output name (``*_labels.tif``, ``*_labels.nii.gz``,
+  ``*_attention_*.tif``): it is the result of an earlier run, not an image.
+* An existing file is never replaced unless ``overwrite`` is true: an input
+  whose outputs exist is skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BadInputError
+from .imageio import SUPPORTED, file_format, output_stem
+
+LABELS_SUFFIX = "_labels"
+_OUTPUT_NAME = re.compile(r".+(_labels\.(tif|nii\.gz)|_attention_[A-Za-z0-9-]+\.tif)$", re.IGNORECASE)
+
+
+def slug(name: str) -> str:
+    """A module name as a file-name part: ``joint 1/8`` -> ``joint-1-8``."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+def output_paths(path: Path, out: Path, attention_modules: list[str] | None = None) -> list[Path]:
+    """What segmenting ``path`` writes into ``out``: the labels, then any attention stacks."""
+    stem = output_stem(path)
+    suffix = ".nii.gz" if file_format(path) == "nifti" else ".tif"
+    paths = [out / f"{stem}{LABELS_SUFFIX}{suffix}"]
+    paths += [out / f"{stem}_attention_{slug(m)}.tif" for m in attention_modules or []]
+    return paths
+
+
+def is_output_name(name: str) -> bool:
+    return bool(_OUTPUT_NAME.match(name))
+
+
+@dataclass
+class Job:
+    input: Path
+    outputs: list[Path]
+
+
+@dataclass
+class Plan:
+    jobs: list[Job] = field(default_factory=list)
+    #: (input, reason) for every input that will not be segmented
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _same(a: Path, b: Path) -> bool:
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def _expand(paths) -> list[tuple[Path, Path | None]]:
+    """(file, folder it was found in, or None when named directly)."""
+    out: list[tuple[Path, Path | None]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(q for q in p.iterdir() if q.is_file() and file_format(q))
+            if not found:
+                raise BadInputError(f"{p} contains no supported images ({', '.join(SUPPORTED)})")
+            out.extend((q, p) for q in found)
+        elif os.path.lexists(p):
+            out.append((p, None))
+        else:
+            raise BadInputError(f"{p}: no such file or directory")
+    return out
+
+
+def plan_segment(inputs, out: str | os.PathLike, attention_modules: list[str] | None = None,
+                 overwrite: bool = False) -> Plan:
+    """Decide, before any work, what a ``segment`` run over ``inputs`` reads and writes."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise BadInputError(f"--out {out} exists and is not a folder")
+    found = _expand(inputs)
+    plan = Plan()
+    # the outputs of every input: none of them may be read as an input
+    targets = {os.path.normcase(os.path.realpath(t))
+               for path, _ in found for t in output_paths(path, out, attention_modules)}
+    candidates: list[Path] = []
+    seen: set[str] = set()
+    for path, folder in found:
+        real = os.path.normcase(os.path.realpath(path))
+        if real in seen:
+            continue
+        seen.add(real)
+        if real in targets:
+            plan.skipped.append((path, "it is an output of this run"))
+        elif folder is not None and is_output_name(path.name) and out.exists() and _same(folder, out):
+            plan.skipped.append((path, "its name is an output name in the output folder "
+                                       "(the result of an earlier run)"))
+        else:
+            candidates.append(path)
+    stems: dict[str, Path] = {}
+    for path in candidates:
+        stem = output_stem(path)
+        if stem in stems:
+            raise BadInputError(f"{path} and {stems[stem]} would write the same output name {stem!r}")
+        stems[stem] = path
+    for path in candidates:
+        outputs = output_paths(path, out, attention_modules)
+        folders = [t for t in outputs if t.is_dir()]
+        existing = [t for t in outputs if os.path.lexists(t)]
+        if folders:
+            plan.skipped.append((path, f"{folders[0]} is a folder"))
+        elif existing and not overwrite:
+            plan.skipped.append((path, f"{existing[0]} exists (--overwrite / overwrite=True replaces it)"))
+        else:
+            plan.jobs.append(Job(path, outputs))
+    return plan
