@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import check_axis, check_classes, check_output_file, check_seed, finite_number, to_array
 from .devices import autocast, describe_device, resolve_device
 from .errors import BadInputError
 from .imageio import ImageFile, read_image, read_labels
@@ -66,16 +67,37 @@ class TrainSettings:
     head: str = "auto"
 
     def validate(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
+        """Every setting's type and range, before any data is read (``BadInputError``)."""
+
+        def integer(name: str, lo: int, hi: int | None = None) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (hi is not None and v > hi):
+                span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+                raise BadInputError(f"{name} must be an integer {span}, got {v!r}")
+
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, np.integer)) or self.epochs < 1:
             raise BadInputError(f"epochs must be a positive integer, got {self.epochs!r}")
-        if self.max_seconds is not None and not self.max_seconds > 0:
-            raise BadInputError(f"max_seconds must be positive, got {self.max_seconds!r}")
-        if not 0 < self.val_fraction < 1:
+        if self.max_seconds is not None:
+            finite_number(self.max_seconds, "max_seconds", 0, lo_open=True)
+        if not isinstance(self.val_fraction, (int, float)) or not 0 < self.val_fraction < 1:
             raise BadInputError(f"validation fraction must be in (0, 1), got {self.val_fraction!r}")
-        if self.crop < 32 or self.batch_size < 1 or self.steps_per_epoch < 1:
-            raise BadInputError("crop must be >= 32, batch size and steps per epoch >= 1")
-        if not self.lr > 0:
-            raise BadInputError(f"learning rate must be positive, got {self.lr!r}")
+        integer("crop", 32, 8192)
+        integer("batch_size", 1, 4096)
+        integer("steps_per_epoch", 1)
+        integer("patience", 0)
+        finite_number(self.lr, "learning rate", 0, 10, lo_open=True)
+        finite_number(self.weight_decay, "weight_decay", 0, 10)
+        finite_number(self.bias_field, "bias_field", 0, 1)
+        check_seed(self.seed)
+        sr = self.scale_range
+        if not isinstance(sr, (tuple, list)) or len(sr) != 2:
+            raise BadInputError(f"scale_range must be (low, high), got {sr!r}")
+        lo = finite_number(sr[0], "scale_range low", 0, lo_open=True)
+        hi = finite_number(sr[1], "scale_range high", 0, 10)
+        if not lo <= 1 <= hi or hi / lo > 100:
+            raise BadInputError(f"scale_range must satisfy 0 < low <= 1 <= high <= 10, got {tuple(sr)!r}")
+        if not isinstance(self.augment, (bool, np.bool_)):
+            raise BadInputError(f"augment must be true or false, got {self.augment!r}")
         if self.crop_sampling not in ("classes", "annotated"):
             raise BadInputError(f"crop_sampling must be 'classes' or 'annotated', got {self.crop_sampling!r}")
         if not isinstance(self.val_every, int) or self.val_every < 0:
@@ -119,10 +141,13 @@ def _load(image, labels) -> tuple[np.ndarray, int | None, int, np.ndarray]:
     if isinstance(image, (str, os.PathLike)):
         image = read_image(image)
     if isinstance(image, ImageFile):
-        arr, ch, ax = image.data, image.channel_axis, image.default_axis
+        if image.time_axis is not None:
+            raise BadInputError(f"{image.path.name} is a time series of {image.time_points} volumes; "
+                                "training takes 2-D images and 3-D volumes")
+        (arr, ch), ax = image.channels_last(), image.default_axis
     else:
-        arr, ch, ax = np.asarray(image), None, 0
-    lab = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else np.asarray(labels)
+        arr, ch, ax = to_array(image), None, 0
+    lab = read_labels(labels) if isinstance(labels, (str, os.PathLike)) else to_array(labels, "labels")
     return arr, ch, ax, lab
 
 
@@ -144,6 +169,21 @@ def build_samples(
     for name, extra in (("masks", masks), ("weights", weights)):
         if extra is not None and len(extra) != len(images):
             raise BadInputError(f"{len(extra)} {name} for {len(images)} images")
+    axis = check_axis(axis)
+    check_classes(model.classes)
+    if masks is not None:
+        masks = [None if m is None else to_array(m, f"mask {i + 1}") for i, m in enumerate(masks)]
+    if weights is not None:
+        checked = []
+        for i, w in enumerate(weights):
+            if w is not None:
+                w = to_array(w, f"weight map {i + 1}")
+                if w.dtype.kind == "f" and not np.isfinite(w).all():
+                    raise BadInputError(f"weight map {i + 1} holds NaN or infinite values")
+                if w.size and w.min() < 0:
+                    raise BadInputError(f"weight map {i + 1} holds negative weights")
+            checked.append(w)
+        weights = checked
     k = model.num_classes
     pct = tuple(model.normalization.get("percentiles", (1.0, 99.8)))
     planes: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
@@ -542,12 +582,9 @@ def train(
         setattr(settings, key, value)
     settings.validate()
     if out is not None:
-        out = os.fspath(out)
-        if not out.endswith(".safetensors"):
-            raise BadInputError(f"--out must end in .safetensors: {out}")
-        parent = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(parent):
-            raise BadInputError(f"cannot write {out}: folder {parent} does not exist")
+        out = check_output_file(out)
+    classes = check_classes(classes)
+    axis = check_axis(axis)
     device = resolve_device(settings.device)
     model, head_reset = _start_model(start, classes)
     parent_name = _parent_name(start, model)
