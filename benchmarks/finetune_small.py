@@ -171,9 +171,10 @@ def main(argv=None) -> list[dict]:
                                                "(design comparisons that do not depend on machine load)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="training settings")
     p.add_argument("--json", type=Path, help="also write the rows as JSON")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--figure", type=Path, help="only draw the split of one annotated slice to this PNG")
     args = p.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.figure:
         return split_figure(args.task, args.figure)
 
