@@ -15,6 +15,18 @@ def rewrite_metadata(src, dst, edit):
     dst.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n :])
 
 
+def rewrite_tensors(src, dst, edit):
+    """Copy a safetensors file (metadata kept), passing its tensors dict through ``edit``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as fh:
+        meta = fh.metadata()
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    edit(tensors)
+    save_file(tensors, str(dst), metadata=meta)
+
+
 def simulate_cuda_oom(monkeypatch, tiles=None):
     """Pretend a CUDA device is present whose every forward runs out of memory.
 
@@ -40,3 +52,92 @@ def simulate_cuda_oom(monkeypatch, tiles=None):
     monkeypatch.setattr(inference, "describe_device", lambda d: d.type)
     monkeypatch.setattr(inference, "free_cache", lambda d: None)
     monkeypatch.setattr(torch.nn.Module, "to", lambda self, *a, **k: self)
+
+
+# ------------------------------------------------ limited subprocess, bombs
+def run_limited(cases, budget_mb=1024, timeout=240, env=None):
+    """Run ``cases`` (see ``_limited.py``) in a subprocess whose address space is limited.
+
+    Returns ``{name: record}``; a case missing from the result did not finish
+    (the subprocess hung or was killed after ``timeout`` seconds).
+    """
+    from pathlib import Path
+
+    proc = _run_with_timeout(Path(__file__).with_name("_limited.py"), budget_mb, cases, timeout, env)
+    records = {}
+    for line in proc.stdout.splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        records[rec["name"]] = rec
+    records["__stderr__"] = proc.stderr
+    return records
+
+
+def _run_with_timeout(script, budget_mb, cases, timeout, env):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(budget_mb), json.dumps(cases)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})},
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        err += f"\n[killed after {timeout} s]"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def tiff_bomb(path, side=40000):
+    """A tiny zlib TIFF whose header declares a side x side 8-bit image (one strip)."""
+    import zlib
+
+    strip = zlib.compress(bytes(1 << 16), 9)
+    tags = [(256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 8), (262, 3, 1), (273, 4, 0),
+            (277, 3, 1), (278, 4, side), (279, 4, len(strip))]
+    data_offset = 8 + 2 + 12 * len(tags) + 4
+    ifd = struct.pack("<H", len(tags))
+    for tag, typ, value in tags:
+        value = data_offset if tag == 273 else value
+        ifd += struct.pack("<HHIH2x", tag, typ, 1, value) if typ == 3 else struct.pack("<HHII", tag, typ, 1, value)
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + strip)
+    return path
+
+
+def png_bomb(path, side=10000):
+    """A valid grey PNG of side x side zeros, a few kilobytes (deflate of zero rows)."""
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    comp = zlib.compressobj(9)
+    row = bytes(side + 1)  # filter byte 0, then the pixels
+    rows_per_chunk = max(1, (1 << 22) // len(row))
+    body = b""
+    for start in range(0, side, rows_per_chunk):
+        body += comp.compress(row * min(rows_per_chunk, side - start))
+    body += comp.flush()
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return path
+
+
+def nifti_bomb(path, shape=(1000, 1000, 1000)):
+    """A tiny .nii.gz whose header declares ``shape`` of uint8 (the data is cut short)."""
+    import gzip
+
+    import nibabel as nib
+    import numpy as np
+
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(shape)
+    hdr.set_data_dtype(np.uint8)
+    hdr["vox_offset"] = 352
+    path.write_bytes(gzip.compress(hdr.binaryblock + b"\x00" * 4 + bytes(4096)))
+    return path
