@@ -264,7 +264,7 @@ def cmd_train(args) -> int:
                        device=args.device, callback=callback)
     finally:
         signal.signal(signal.SIGINT, previous)
-        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
         bar.close()
     print(f"{result.path}: best validation Dice {result.best_dice:.4f} (epoch {result.best_epoch}, "
           f"step {result.best_step}; start model {result.start_dice:.4f}), "
@@ -323,7 +323,7 @@ def _quiet_and_interruptible():
             yield
         finally:
             if on_main:
-                signal.signal(signal.SIGTERM, previous)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
             for lg, level in zip(noisy, levels):
                 lg.setLevel(level)
 
