@@ -597,15 +597,18 @@ def train(
     np.random.seed(settings.seed)
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    head = _decide_head(model, samples, settings.head, device, reset_already=head_reset)
     net = model.net.to(device)
+    # the bar to beat, and what is handed back if nothing beats it: the start model as given
+    # (before any head reset; with a new number of classes its head is new anyway)
+    best_state = copy.deepcopy(net.state_dict())
+    start_dice = validation_dice(model, samples, device)
+    best = start_dice
+    head = _decide_head(model, samples, settings.head, device, reset_already=head_reset,
+                        seed=settings.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     total_steps = settings.epochs * settings.steps_per_epoch
     val_every = settings.val_every or max(1, settings.steps_per_epoch // 4)
     centres = CropCentres(samples, settings.crop_sampling)
-    best_state = copy.deepcopy(net.state_dict())
-    start_dice = validation_dice(model, samples, device)
-    best = start_dice
     result = TrainResult(model=model, best_dice=best, start_dice=start_dice,
                          device=describe_device(device), summary=summary)
     result.history.append({"epoch": 0, "step": 0, "loss": None, "val_dice": best, "seconds": 0.0})
@@ -732,7 +735,8 @@ def _fmt(value: float) -> str:
 HEAD_RESET_DICE = 0.2
 
 
-def _decide_head(model: Model, samples: list[Sample], mode: str, device, reset_already: bool = False) -> str:
+def _decide_head(model: Model, samples: list[Sample], mode: str, device, reset_already: bool = False,
+                 seed: int = 0) -> str:
     """Keep or re-initialise the classifier head; returns what was done and why (for provenance).
 
     ``auto``: the head is re-initialised when the start model's Dice on the
@@ -747,24 +751,25 @@ def _decide_head(model: Model, samples: list[Sample], mode: str, device, reset_a
         return "kept"
         return "kept (head='keep')"
     if mode == "reset":
-        _reset_head(model)
+        _reset_head(model, seed)
         return "re-initialised (head='reset')"
     dice = validation_dice(model, samples, device, side="train")
     if math.isfinite(dice) and dice >= HEAD_RESET_DICE:
         return f"kept: the start model's Dice on the training annotations is {dice:.3f}"
-    _reset_head(model)
+    _reset_head(model, seed)
     return (f"re-initialised: the start model's Dice on the training annotations is {_fmt(dice)}, "
             f"below {HEAD_RESET_DICE}")
 
 
-def _reset_head(model: Model) -> None:
-    gen = torch.Generator().manual_seed(0)
+def _reset_head(model: Model, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
     for module in model.net.head_modules():
         for p in module.parameters(recurse=False):
+            fresh = torch.zeros(p.shape)  # on the CPU, where the generator is
             if p.ndim > 1:
-                torch.nn.init.kaiming_uniform_(p, a=math.sqrt(5), generator=gen)
-            else:
-                torch.nn.init.zeros_(p)
+                torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=gen)
+            with torch.no_grad():
+                p.copy_(fresh)
 
 
 def _parent_name(start, model: Model) -> str:
