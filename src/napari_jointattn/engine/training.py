@@ -62,6 +62,8 @@ class TrainSettings:
     crop_sampling: str = "classes"
     #: validate every this many steps (and at every epoch end); 0: a quarter epoch
     val_every: int = 0
+    #: weight of the soft Dice term of the loss (cross-entropy has weight 1)
+    dice_weight: float = 1.0
     #: the classifier head: "auto" (re-initialised when the start model does not
     #: find the annotated structures), "keep" or "reset"
     head: str = "auto"
@@ -419,7 +421,7 @@ def _intensity(x: torch.Tensor, rng: np.random.Generator, bias_field: float) -> 
 
 
 # ------------------------------------------------------------------- loss
-def masked_loss(logits, target, mask, weight, num_classes: int) -> torch.Tensor:
+def masked_loss(logits, target, mask, weight, num_classes: int, dice_weight: float = 1.0) -> torch.Tensor:
     """Weighted cross-entropy + soft Dice over annotated pixels."""
     logits = logits[:, :num_classes].float()
     ce = F.cross_entropy(logits, target.clamp_max(num_classes - 1), reduction="none")
@@ -436,7 +438,7 @@ def masked_loss(logits, target, mask, weight, num_classes: int) -> torch.Tensor:
     fg = present.clone()
     fg[0] = False
     dice_loss = (1 - dice[fg]).mean() if fg.any() else logits.new_zeros(())
-    return ce + dice_loss
+    return ce + dice_weight * dice_loss
 
 
 # ------------------------------------------------------------- validation
@@ -658,7 +660,7 @@ def train(
             x, t, m, w = x.to(device), t.to(device), m.to(device), w.to(device)
             with autocast(device):
                 logits = net(x)
-            loss = masked_loss(logits, t, m, w, model.num_classes)
+            loss = masked_loss(logits, t, m, w, model.num_classes, settings.dice_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -689,7 +691,8 @@ def train(
               "epoch_end": True})
         if stop:
             break
-        if epoch - improved_epoch >= settings.patience:
+        # a time budget is the user's to spend: patience ends epoch-budgeted runs only
+        if not settings.max_seconds and epoch - improved_epoch >= settings.patience:
             stop = "early stopping"
             break
     net.load_state_dict(best_state)
