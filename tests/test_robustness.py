@@ -767,12 +767,23 @@ def test_sigterm_during_a_write_leaves_no_temporary_file(tmp_path, saved_model, 
         return real(path, *a, **k)
 
     monkeypatch.setattr(tf, "imwrite", slow)
-    before = signal.getsignal(signal.SIGTERM)
-    code = main(["segment", str(tmp_path / "img.tif"), "--model", str(saved_model), "--out", str(tmp_path / "o")])
+
+    class Unhandled(Exception):
+        pass
+
+    def fallback(signum, frame):  # only reached if the CLI installed no handler of its own
+        raise Unhandled("SIGTERM was not handled by the command line")
+
+    before = signal.signal(signal.SIGTERM, fallback)
+    try:
+        code = main(["segment", str(tmp_path / "img.tif"), "--model", str(saved_model), "--out",
+                     str(tmp_path / "o")])
+        assert signal.getsignal(signal.SIGTERM) is fallback  # the previous handler is back
+    finally:
+        signal.signal(signal.SIGTERM, before)
     err = capsys.readouterr().err
     assert code == 143 and err.strip() == "napari-jointattn: terminated (SIGTERM)", err
     assert list((tmp_path / "o").iterdir()) == []
-    assert signal.getsignal(signal.SIGTERM) is before
 
 
 # ------------------------------------------------- one line, valid output
