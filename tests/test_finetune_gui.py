@@ -164,7 +164,7 @@ def test_no_improvement_is_shown_and_not_listed_as_a_version(qtbot, docks, blobs
     image, truth = blobs
     viewer.add_image(image, name="cells")
     viewer.add_labels(truth.astype(np.uint8), name="cells labels")
-    ft.advanced = {**FAST, "lr": 1e-30}  # no weight can change: the start model is never beaten
+    ft.advanced = {**FAST, "lr": 1e-30, "head": "keep"}  # no weight can change: never beaten
     ft.epochs_spin.setValue(1)
     warned = []
     original = finetune.FinetuneDock._done
