@@ -143,3 +143,27 @@ def test_cuda_requested_without_cuda(tmp_path, saved_model, capsys):
                         "--device", "cuda"], capsys)
     assert_bad(code, err)
     assert "CUDA" in err
+
+
+def test_help_and_version_do_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from napari_jointattn.cli import main; "
+            "assert main(['--help']) == 0 and main(['--version']) == 0; "
+            "heavy = [m for m in ('torch', 'monai', 'napari') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "segment" in done.stdout
+
+
+def test_api_names_resolve_lazily():
+    import napari_jointattn
+
+    assert napari_jointattn.segment.__module__ == "napari_jointattn.engine.inference"
+    assert set(napari_jointattn.__all__) <= set(dir(napari_jointattn))
+    import pytest as _pytest
+
+    with _pytest.raises(AttributeError):
+        napari_jointattn.no_such_name  # noqa: B018

@@ -7,19 +7,36 @@ The Python API mirrors the command line::
     result = segment("cells.tif", model)      # result.labels, result.attention
 """
 
-__version__ = "0.1.0"
+from ._version import __version__
 
-from .engine import (  # noqa: E402
-    BadInputError,
-    Cancelled,
-    Model,
-    Segmentation,
-    evaluate,
-    load_model,
-    new_model,
-    save_model,
-    segment,
-)
+# The API is imported on first use (PEP 562), so ``napari-jointattn --help``
+# and other light entry points do not pay for importing torch.
+_API = {
+    "BadInputError": "engine.errors",
+    "Cancelled": "engine.errors",
+    "Model": "engine.models",
+    "Segmentation": "engine.inference",
+    "evaluate": "engine.evaluation",
+    "load_model": "engine.models",
+    "new_model": "engine.models",
+    "save_model": "engine.models",
+    "segment": "engine.inference",
+}
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))
+
 
 __all__ = [
     "BadInputError",

@@ -19,7 +19,7 @@ import threading
 import warnings
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 
 PROG = "napari-jointattn"
 

@@ -28,7 +28,7 @@ from typing import Annotated
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..model import DenseUNet, DenseUNetConfig
 from .checks import check_classes
 from .errors import BadInputError
