@@ -154,6 +154,8 @@ def split_figure(task: str, path: Path) -> list:
 
 
 def parse_value(text: str):
+    if text in ("true", "false"):
+        return text == "true"
     for cast in (int, float):
         try:
             return cast(text)
@@ -213,6 +215,7 @@ def main(argv=None) -> list[dict]:
             row = {"task": args.task, "start": start, "seed": seed, "wall_s": round(wall, 1),
                    "steps": result.model.provenance["training"]["steps_run"],
                    "split": result.summary["split"], "head": result.model.provenance["training"]["head"],
+                   "threshold": result.model.provenance["training"].get("threshold"),
                    "start_val_dice": round(result.start_dice, 4), "best_val_dice": round(result.best_dice, 4),
                    "improved": result.improved, "warnings": result.warnings,
                    "test_dice": round(dice(result.model, volume, vent, test_z), 4), "settings": overrides}

@@ -215,3 +215,43 @@ def test_cli_prints_a_warning_when_nothing_improved(blobs, tmp_path, capsys):
     warnings = [line for line in err.splitlines() if line.startswith("napari-jointattn: warning:")]
     assert len(warnings) == 1 and "no improvement over the start model" in warnings[0]
     assert json.loads(json.dumps(load_model(out).provenance["training"]))["improved"] is False
+
+
+def test_threshold_is_calibrated_on_the_validation_pixels(monkeypatch):
+    import torch
+
+    from napari_jointattn.engine import inference
+    from napari_jointattn.engine.training import calibrate_threshold
+
+    image, labels = disk_image([(48, 100)], radius=10)
+    model = new_model("nuclei", seed=0)
+    samples, _ = build_samples(model, [image], [labels])
+    truth = labels > 0
+    from scipy import ndimage as ndi
+
+    rim = ndi.binary_dilation(truth, iterations=2) & ~truth
+    p1 = np.where(truth, 0.99, np.where(rim, 0.7, 0.01)).astype(np.float32)  # a confident one-pixel-wide rim
+
+    def fake_predict(model_, x, device, tile=512, **kw):
+        # the validation crop: find where it sits by matching the sample's image
+        s = samples[0]
+        ys, xs = np.nonzero(s.val_mask)
+        crop = p1[ys.min(): ys.max() + 1, xs.min(): xs.max() + 1]
+        return torch.from_numpy(np.stack([1 - crop, crop]))
+
+    monkeypatch.setattr(inference, "predict_slice", fake_predict)
+    th, at_half, at_th = calibrate_threshold(model, samples, torch.device("cpu"))
+    assert th == 0.7 and at_th == 1.0 and at_half < 0.9  # the rim is cut off
+
+
+def test_training_records_the_threshold_it_chose(blobs):
+    image, labels = blobs
+    result = train(new_model("nuclei", seed=0), [image], [labels], epochs=2, steps_per_epoch=6,
+                   batch_size=4, crop=64, device="cpu")
+    note = result.model.provenance["training"]["threshold"]
+    assert result.improved and note is not None
+    assert result.model.postprocess["threshold"] == note["threshold"]
+    assert note["val_dice_at_threshold"] >= note["val_dice_at_0.5"]
+    off = train(new_model("nuclei", seed=0), [image], [labels], epochs=2, steps_per_epoch=6, batch_size=4,
+                crop=64, device="cpu", calibrate_threshold=False)
+    assert "threshold" not in off.model.postprocess and off.model.provenance["training"]["threshold"] is None

@@ -62,6 +62,8 @@ class TrainSettings:
     crop_sampling: str = "classes"
     #: validate every this many steps (and at every epoch end); 0: a quarter epoch
     val_every: int = 0
+    #: two-class models: choose the foreground probability threshold on the validation pixels
+    calibrate_threshold: bool = True
     #: weight of the soft Dice term of the loss (cross-entropy has weight 1)
     dice_weight: float = 1.0
     #: the classifier head: "auto" (re-initialised when the start model does not
@@ -470,13 +472,65 @@ def validation_dice(model: Model, samples: list[Sample], device: torch.device, s
         ys, xs = np.nonzero(mask)
         y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
         out = predict_slice(model, np.ascontiguousarray(s.image[:, y0:y1, x0:x1]), device, tile=512)
-        pred = out[:k].argmax(0).numpy()
+        pred = classes_from_probs(model, out[:k])
         m = mask[y0:y1, x0:x1]
         conf += confusion(pred[m], s.target[y0:y1, x0:x1][m], k)
     model.net.train(was_training)
     dice = overlap_scores(conf)["dice"]
     present = [c for c in range(1, k) if conf[c].sum() > 0]  # rows: reference classes
     return float(np.mean([dice[c] for c in present])) if present else float("nan")
+
+
+def classes_from_probs(model: Model, probs: torch.Tensor) -> np.ndarray:
+    """Class per pixel as segment() decides it: argmax, or a two-class model's threshold."""
+    thr = model.postprocess.get("threshold")
+    if model.num_classes == 2 and thr is not None:
+        return (probs[1] > thr).numpy().astype(np.int64)
+    return probs.argmax(0).numpy()
+
+
+THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(2, 20))  # 0.10 ... 0.95
+
+
+@torch.no_grad()
+def calibrate_threshold(model: Model, samples: list[Sample], device) -> tuple[float, float, float] | None:
+    """The foreground probability threshold of a two-class model that maximises validation Dice.
+
+    Returns (threshold, Dice at 0.5, Dice at the threshold), or None when the
+    model has more than two classes or nothing is held out. Ties go to the
+    threshold nearest 0.5.
+    """
+    from .inference import predict_slice
+
+    if model.num_classes != 2:
+        return None
+    was_training = model.net.training
+    model.net.eval()
+    probs, truth = [], []
+    val = [s for s in samples if s.val_mask.any()]
+    if len(val) > MAX_VAL_PLANES:
+        val = [val[i] for i in np.linspace(0, len(val) - 1, MAX_VAL_PLANES).round().astype(int)]
+    for s in val:
+        ys, xs = np.nonzero(s.val_mask)
+        y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+        out = predict_slice(model, np.ascontiguousarray(s.image[:, y0:y1, x0:x1]), device, tile=512)
+        m = s.val_mask[y0:y1, x0:x1]
+        probs.append(out[1].numpy()[m])
+        truth.append(s.target[y0:y1, x0:x1][m] == 1)
+    model.net.train(was_training)
+    if not probs:
+        return None
+    p, t = np.concatenate(probs), np.concatenate(truth)
+    if not t.any():
+        return None
+
+    def dice(th: float) -> float:
+        pred = p > th
+        return float(2 * (pred & t).sum() / max(1, pred.sum() + t.sum()))
+
+    scores = {th: dice(th) for th in THRESHOLDS}
+    best = max(scores, key=lambda th: (round(scores[th], 6), -abs(th - 0.5)))
+    return best, dice(0.5), scores[best]
 
 
 # ------------------------------------------------------------------- train
@@ -696,6 +750,14 @@ def train(
             stop = "early stopping"
             break
     net.load_state_dict(best_state)
+    threshold_note = None
+    if settings.calibrate_threshold and best_step_improved(result) and summary.get("split_kind") != "training":
+        found = calibrate_threshold(model, samples, device)
+        if found is not None:
+            th, at_half, at_th = found
+            model.postprocess = {**model.postprocess, "threshold": th}
+            threshold_note = {"threshold": th, "val_dice_at_0.5": round(at_half, 4),
+                              "val_dice_at_threshold": round(at_th, 4)}
     net.eval().to("cpu")
     result.stopped = stop or "epochs"
     result.best_dice = best
@@ -717,6 +779,7 @@ def train(
                      "epochs_run": max((h["epoch"] for h in result.history), default=0),
                      "steps_run": step_no, "stopped": result.stopped, "seconds": round(result.seconds, 1),
                      "device": result.device, "head": head, "improved": result.improved,
+                     "threshold": threshold_note,
                      "warnings": warnings_},
         **(provenance or {}),
     }
@@ -725,6 +788,11 @@ def train(
     if checkpoint is not None and os.path.exists(checkpoint):
         os.remove(checkpoint)
     return result
+
+
+def best_step_improved(result: TrainResult) -> bool:
+    """True when the kept weights are trained ones (a start model's threshold is left alone)."""
+    return result.best_step > 0
 
 
 def _better(value: float, best: float) -> bool:
