@@ -193,3 +193,29 @@ def test_no_improvement_is_shown_and_not_listed_as_a_version(qtbot, docks, blobs
     assert ft.versions_list.count() == 0
     assert seg.model_combo.currentData() == str(start)  # the Segment dock keeps its model
     assert not ft.compare_button.isEnabled()
+
+
+def test_fine_tune_dock_alone_trains_with_its_defaults(make_napari_viewer, qtbot, blobs, model_dir):
+    """No Segment dock: the start model falls back to the first preset; pairing by Add pair."""
+    viewer = make_napari_viewer()
+    _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune")
+    ft.advanced = dict(FAST)
+    ft.epochs_spin.setValue(1)
+    image, truth = blobs
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(np.zeros(truth.shape, np.int32), name="my painting")  # not named "<image> labels"
+    assert ft.pairs() == []
+    ft.train_button.click()
+    assert "Add pair" in ft.status.text() or "Add pair" in ft.summary_label.text()
+    viewer.layers["my painting"].data = truth.astype(np.int32)
+    ft.image_combo.setCurrentText("cells")
+    ft.labels_combo.setCurrentText("my painting")
+    ft.add_pair_button.click()
+    assert ft.pairs() == [("cells", "my painting")]
+    ft.train_button.click()
+    wait_idle(qtbot, ft)
+    result = ft.controller.last_result
+    assert result is not None, ft.status.text()
+    assert ft.controller.last_request.start == "nuclei"  # the first preset
+    assert result.improved and result.path.is_file() and result.path.parent == model_dir
+    assert result.path.name.startswith("nuclei-ft-")

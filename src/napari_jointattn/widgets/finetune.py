@@ -115,12 +115,17 @@ class FinetuneController:
         return out
 
     def resolve_start(self, key: str) -> str:
+        """A start-model key: "current Segment model" is the Segment dock's model when one is
+        open, else the first preset with bundled weights."""
         if key == CURRENT:
             dock = segment_dock_for(self.viewer)
             current = dock.model_combo.currentData() if dock is not None else None
-            if not current:
-                raise BadInputError("the Segment dock has no current model: choose a start model")
-            return current
+            if current:
+                return current
+            presets = [k for label, k in self.start_choices() if label.endswith("(preset)")]
+            if not presets:
+                raise BadInputError("no Segment dock is open and no preset is installed: choose a start model")
+            return presets[0]
         return key
 
     # data -----------------------------------------------------------------
@@ -148,13 +153,15 @@ class FinetuneController:
             dims.append(len(inp.spatial_shape))
         if not labels:
             return {"images": 0, "planes": 0, "pixels_per_class": {}, "warnings": [
-                "no image/labels pair: segment an image or add a Labels layer and paint"]}
+                "no image/labels pair: choose an image and a Labels layer and click Add pair "
+                "(a Labels layer named '<image> labels' pairs by itself)"]}
         return annotation_summary(labels, model.num_classes, model.classes, dims)
 
     def make_request(self, pairs, start: str, settings: dict, weight_corrections: float = 0.0,
                      channel_axes=None) -> TrainRequest:
         if not pairs:
-            raise BadInputError("no image/labels pair to train on")
+            raise BadInputError("no image/labels pair to train on: choose an image and a Labels layer "
+                                "and click Add pair")
         start_key = self.resolve_start(start)
         images, labels, weights, axes, ids = [], [], [], [], []
         for i, (image_name, lab_name) in enumerate(pairs):
