@@ -454,7 +454,8 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         for path, meta in self.controller.versions():
             score = meta["scores"].get("val_dice")
             saved = meta["provenance"].get("saved", "")[:19].replace("T", " ")
-            text = f"{path.stem}  (from {meta['provenance']['parent']}, val Dice {score}, {saved})"
+            shown = f"{score:.3f}" if isinstance(score, (int, float)) else "n/a"
+            text = f"{path.stem}  (from {meta['provenance']['parent']}, val Dice {shown}, {saved})"
             item = QListWidgetItem(text)
             item.setData(256, str(path))
             self.versions_list.addItem(item)
