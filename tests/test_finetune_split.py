@@ -136,7 +136,8 @@ def test_validation_runs_within_epochs(blobs):
     train("nuclei", [image], [labels], callback=seen.append, epochs=1, steps_per_epoch=8, batch_size=2,
           crop=64, device="cpu")
     checks = [(i["step"], bool(i.get("epoch_end"))) for i in seen if i["val_dice"] is not None]
-    assert checks == [(2, False), (4, False), (6, False), (8, True)]
+    assert checks == [(0, False), (2, False), (4, False), (6, False), (8, True)]  # 0: the start model
+    assert seen[0]["epoch"] == 0 and seen[0]["loss"] is None
 
 
 def test_first_step_is_warmed_up(blobs):

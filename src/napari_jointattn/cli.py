@@ -247,12 +247,15 @@ def cmd_train(args) -> int:
 
     def callback(info):
         bar.total = info["epochs"] * info["steps"]
-        bar.n = (info["epoch"] - 1) * info["steps"] + info["step"]
-        bar.set_postfix(loss=f"{info['loss']:.3f}", best=f"{info['best_dice']:.3f}")
+        bar.n = max(0, (info["epoch"] - 1) * info["steps"] + info["step"])
+        if info["loss"] is not None:
+            bar.set_postfix(loss=f"{info['loss']:.3f}", best=f"{info['best_dice']:.3f}")
         if info["val_dice"] is not None:
-            loss = "-" if info["loss"] is None else f"{info['loss']:.4f}"
-            print(f"epoch {info['epoch']} step {info['step']}/{info['steps']}: loss {loss}, "
-                  f"validation Dice {info['val_dice']:.4f} (best {info['best_dice']:.4f})", file=sys.stderr)
+            where = ("start model" if info["epoch"] == 0
+                     else f"epoch {info['epoch']} step {info['step']}/{info['steps']}")
+            loss = "" if info["loss"] is None else f"loss {info['loss']:.4f}, "
+            print(f"{where}: {loss}validation Dice {info['val_dice']:.4f} (best {info['best_dice']:.4f})",
+                  file=sys.stderr)
         return not interrupted
 
     previous = signal.signal(signal.SIGINT, on_sigint)

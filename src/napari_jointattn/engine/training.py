@@ -700,6 +700,9 @@ def train(
                   "seconds": record["seconds"]})
         return record
 
+    if first_epoch == 1:  # the bar to beat, first in every progress report
+        tell({"epoch": 0, "step": 0, "loss": None, "val_dice": start_dice, "best_dice": start_dice,
+              "seconds": 0.0})
     for epoch in range(first_epoch, settings.epochs + 1):
         net.train()
         losses: list[float] = []

@@ -371,8 +371,8 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         steps = [h for h in hist if h.get("val_dice") is None]
         checks = [h for h in hist if h.get("val_dice") is not None]
 
-        def x(h):
-            return (h["epoch"] - 1) + h["step"] / h["steps"]
+        def x(h):  # in epochs; the start model's score sits at 0
+            return max(0.0, (h["epoch"] - 1) + h["step"] / h["steps"])
 
         if steps:
             ax.plot([x(h) for h in steps], [h["loss"] for h in steps], color="tab:blue", lw=1,
@@ -513,10 +513,9 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
             bar.n = min(int(info["seconds"]), budget)
             bar.set_description(f"Fine-tune epoch {info['epoch']}")
         if info.get("val_dice") is not None:
-            self.status.setText(
-                f"Epoch {info['epoch']}, step {info['step']}/{info['steps']}: validation Dice "
-                f"{info['val_dice']:.3f} (best {info['best_dice']:.3f})"
-            )
+            where = ("Start model" if info["epoch"] == 0
+                     else f"Epoch {info['epoch']}, step {info['step']}/{info['steps']}")
+            self.status.setText(f"{where}: validation Dice {info['val_dice']:.3f} (best {info['best_dice']:.3f})")
             self._redraw()
         elif info["step"] % 5 == 0:
             self._redraw()
