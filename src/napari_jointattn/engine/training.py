@@ -614,8 +614,9 @@ def train(
 
     ``callback`` gets ``{"stage": "train", "epoch", "epochs", "step", "steps",
     "loss", "val_dice", "best_dice", "seconds"}`` after every step (``val_dice``
-    None) and after every validation (``val_dice`` set; ``epoch_end`` True at
-    the end of an epoch); returning ``False`` stops training, keeping the best
+    None) and after every validation (``val_dice`` set; the first, with
+    ``epoch`` 0, is the start model's score; ``epoch_end`` True at the end of
+    an epoch); returning ``False`` stops training, keeping the best
     weights so far. Validation runs every ``val_every`` steps and at each
     epoch end, so a short time budget can still pick trained weights.
 
