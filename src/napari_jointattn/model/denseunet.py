@@ -1,7 +1,7 @@
 """A DenseUNet with spatial attention on its deepest scales.
 
 The structure follows H-DenseUNet (2-D): a DenseNet encoder (dense blocks of
-BN-ReLU-1x1-BN-ReLU-3x3 layers whose outputs are concatenated, transitions
+norm-ReLU-1x1-norm-ReLU-3x3 layers, GroupNorm by default, whose outputs are concatenated; transitions
 with compression and 2x2 average pooling) and a decoder that upsamples by 2,
 adds the encoder feature of the same scale and refines with a 3x3 conv.
 Growth rate, depth and widths are scaled down (a config) so that a 512^2
@@ -144,7 +144,7 @@ class DenseUNetConfig:
 
 
 class DenseLayer(nn.Module):
-    """BN-ReLU-1x1(bottleneck*k)-BN-ReLU-3x3(k), output concatenated to input.
+    """Norm-ReLU-1x1(bottleneck*k)-norm-ReLU-3x3(k), output concatenated to input.
 
     (B, C, H, W) -> (B, C + k, H, W).
     """
@@ -166,7 +166,7 @@ class DenseLayer(nn.Module):
 
 
 class Transition(nn.Module):
-    """BN-ReLU-1x1 (compression) then 2x2 average pooling. Halves H and W."""
+    """Norm-ReLU-1x1 (compression) then 2x2 average pooling. Halves H and W."""
 
     def __init__(self, in_channels: int, out_channels: int, norm: str = "group") -> None:
         super().__init__()
