@@ -143,12 +143,12 @@ def _by_strip(samples, annotated, val_fraction, wanted, k) -> Split | None:
 
     # 2. a cut through the annotated pixels of each class, the rarest class first
     counts = {c: sum(int((s.target[a] == c).sum()) for s, a in zip(samples, annotated)) for c in wanted}
+    where = {c: [np.nonzero((s.target == c) & a) for s, a in zip(samples, annotated)] for c in wanted}
     gap = GAP_PIXELS
     while gap >= MIN_GAP_PIXELS:
         for c in sorted(wanted, key=counts.get):
             for axis in (1, 0):
-                coords = np.concatenate([np.nonzero((s.target == c) & a)[axis]
-                                         for s, a in zip(samples, annotated)])
+                coords = np.concatenate([yx[axis] for yx in where[c]])
                 for val_high in (True, False):
                     q = 1 - val_fraction if val_high else val_fraction
                     cut = int(np.ceil(np.quantile(coords, q))) if val_high else int(np.floor(np.quantile(coords, q))) + 1

@@ -752,7 +752,8 @@ def train(
             break
     net.load_state_dict(best_state)
     threshold_note = None
-    if settings.calibrate_threshold and best_step_improved(result) and summary.get("split_kind") != "training":
+    # only trained weights get a threshold: a start model handed back keeps its own
+    if settings.calibrate_threshold and result.best_step > 0 and summary.get("split_kind") != "training":
         found = calibrate_threshold(model, samples, device)
         if found is not None:
             th, at_half, at_th = found
@@ -789,11 +790,6 @@ def train(
     if checkpoint is not None and os.path.exists(checkpoint):
         os.remove(checkpoint)
     return result
-
-
-def best_step_improved(result: TrainResult) -> bool:
-    """True when the kept weights are trained ones (a start model's threshold is left alone)."""
-    return result.best_step > 0
 
 
 def _better(value: float, best: float) -> bool:
