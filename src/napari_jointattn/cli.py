@@ -279,7 +279,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .engine.models import finite_json, list_models, model_dir
+    from .engine.metadata import finite_json, list_models, model_dir  # headers only: no torch
 
     rows = list_models()
     if args.json:
