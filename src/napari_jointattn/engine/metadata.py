@@ -333,6 +333,28 @@ def describe_file(path: str | os.PathLike) -> dict:
     return {**meta, "parameters": sum(math.prod(t["shape"]) for t in tensors.values())}
 
 
+def write_metadata(path: str | os.PathLike, meta: dict, out: str | os.PathLike | None = None) -> Path:
+    """Replace a model file's metadata (validated first), keeping its tensors byte for byte.
+
+    Writes ``out`` (default: ``path`` itself) atomically; no weights are
+    decoded, so a bundled preset can gain metadata without being retrained.
+    """
+    from .files import write_bytes_atomic
+
+    path = Path(path)
+    out = Path(out) if out is not None else path
+    tensors, strings = read_header(path)
+    text = json.dumps(finite_json(meta), allow_nan=False)
+    validate_metadata(parse_metadata_json(text, out.name), out.name)
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.dumps({"__metadata__": {**strings, META_KEY: text}, **tensors},
+                        separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # tensor data stays 8-byte aligned
+    write_bytes_atomic(out, struct.pack("<Q", len(header)) + header + raw[8 + n:])
+    return out
+
+
 # ----------------------------------------------------------------- locations
 def model_dir() -> Path:
     """The user's model folder (``$NAPARI_JOINTATTN_MODEL_DIR`` or a per-user data dir)."""
