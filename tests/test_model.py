@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from napari_jointattn.model import (
+    ATTENTION_TYPES,
+    AttentionKey,
     DenseUNet,
     DenseUNetConfig,
     JointAttention,
@@ -141,10 +143,42 @@ def test_network_output_shapes(attention, shape, channels, classes):
     assert torch.isfinite(y).all()
 
 
-def test_aux_channels_are_appended():
-    net = DenseUNet(num_classes=2, aux_channels=1).eval()
+def test_config_without_extra_output_channels_reads_old_files():
+    """Files written when configs had ``aux_channels`` (always 0, as in the presets) still load."""
+    old = {**DenseUNetConfig().to_dict(), "aux_channels": 0}
+    assert "aux_channels" not in DenseUNetConfig().to_dict()
+    assert DenseUNetConfig.from_dict(old) == DenseUNetConfig()
+    with pytest.raises(ValueError, match="extra output channels are not supported"):
+        DenseUNetConfig.from_dict({**old, "aux_channels": 1})
+    net = DenseUNet(num_classes=3).eval()
     with torch.no_grad():
         assert net(torch.randn(1, 1, 40, 40)).shape == (1, 3, 40, 40)
+
+
+def test_attention_keys_name_modules_and_maps():
+    key = AttentionKey("joint", 16)
+    assert key.name == str(key) == "joint 1/16"
+    assert key.with_map("mix").name == "joint 1/16 mix"
+    assert key.with_map("mix").module == key and hash(key.with_map("mix").module) == hash(key)
+    net = DenseUNet(attention="joint", joint_form="mix")
+    assert [k for k, _ in net.attention_keys()] == [AttentionKey("joint", s) for s in (8, 16, 32)]
+    assert [k.name for k in net.map_keys()] == [
+        f"joint 1/{s} {m}" for s in (8, 16, 32) for m in ("pointwise", "mix")]
+    assert [k.map for k in DenseUNet(joint_form="gated").map_keys()] == ["pointwise"] * 3
+    assert DenseUNet(attention="self").map_keys() == []
+    assert [k.name for k in DenseUNet(attention="pointwise", attention_levels=(3,)).map_keys()] == [
+        "pointwise 1/32 pointwise"]
+
+
+def test_a_new_attention_variant_is_one_class_and_one_registry_line(monkeypatch):
+    class Gate2(PointwiseAttention):
+        kind = "gate2"
+
+    monkeypatch.setitem(ATTENTION_TYPES, "gate2", Gate2)
+    mod = make_attention("gate2", 12, value_dim=6)
+    assert isinstance(mod, Gate2) and mod.map_names == ("pointwise",) and not mod.has_global_row
+    with pytest.raises(ValueError, match="attention kind must be one of"):
+        make_attention("magic", 12)
 
 
 def test_wrong_channel_count_is_a_clear_error():

@@ -1,4 +1,19 @@
-"""Segmenting images of any size: channels, stacks, tiling, devices, post-processing."""
+"""Segmenting images of any size: channels, stacks, tiling, devices, post-processing.
+
+:func:`segment` runs these steps, each a function of its own:
+
+1. :func:`check_settings`: tile, overlap and batch size;
+2. :func:`prepare_input`: the image as 2-D planes of the model's channels
+   (:func:`.channels.prepare_channels`), the slices to segment and the
+   normalisation range (:class:`Planes`);
+3. for each plane and row band (:func:`plane_bands`): :func:`predict_band`,
+   the tiled forward pass (:func:`predict_slice`) with the CUDA
+   out-of-memory fallback;
+4. :func:`band_classes` and :func:`.postprocess.split_instances`:
+   post-processing of the band's probabilities;
+5. :class:`Assembly`: band results written into the output arrays, instance
+   ids made unique across bands and slices, and the :class:`Segmentation`.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +27,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from ..model import AttentionKey
+from .channels import prepare_channels
 from .checks import check_axis, to_array
 from .devices import autocast, describe_device, free_cache, is_out_of_memory, resolve_device
 from .errors import BadInputError, Cancelled
 from .imageio import ImageFile, read_image
 from .models import Model, load_model
 from .normalize import normalize, percentile_range
-from .postprocess import argmax_labels, split_instances
+from .placement import inference_network
+from .postprocess import classify, split_instances
+
+__all__ = [
+    "Assembly", "Callback", "Planes", "Segmentation", "attention_map_keys", "band_classes",
+    "check_settings", "count_windows", "plane_bands", "predict_band", "predict_slice",
+    "prepare_channels", "prepare_input", "segment",
+]
 
 #: Called with a progress dict ``{"stage", "done", "total", "message"}``;
 #: returning ``False`` cancels the work.
@@ -41,8 +66,10 @@ class Segmentation:
     """What :func:`segment` returns.
 
     ``labels`` has the image's spatial shape (class ids, or instance ids for
-    instance models). ``attention`` maps ``"<module> <map>"`` (e.g.
-    ``"joint 1/8 pointwise"``) to float32 arrays of the same shape.
+    instance models). ``attention`` maps display names (``key.name``, e.g.
+    ``"joint 1/8 pointwise"``) to float32 arrays of the same shape;
+    ``attention_keys`` maps each of those names to its :class:`AttentionKey`
+    (module kind, stride, map name), so nothing needs to parse a name.
     """
 
     labels: np.ndarray
@@ -52,55 +79,7 @@ class Segmentation:
     seconds: float = 0.0
     instances: bool = False
     slices: list[int] | None = None
-
-
-# ------------------------------------------------------------------ channels
-def prepare_channels(
-    image: np.ndarray, in_channels: int, channel_axis: int | None = None
-) -> np.ndarray:
-    """Return the image as (spatial..., in_channels) with a documented rule.
-
-    * ``channel_axis`` given: that axis holds channels.
-    * otherwise a 3-D array whose last axis has 3 or 4 entries (and whose
-      other axes are larger) is RGB(A);
-    * otherwise, for a multi-channel model, a first or last axis of exactly
-      ``in_channels`` entries is the channel axis;
-    * otherwise there is no channel axis.
-
-    A 1-channel model given several channels uses their mean (alpha
-    dropped). Spatial dimensionality must be 2 or 3.
-    """
-    arr = to_array(image)
-    if arr.ndim < 2:
-        raise BadInputError(f"an image needs at least 2 dimensions, got shape {arr.shape}")
-    if channel_axis is not None:
-        if not -arr.ndim <= channel_axis < arr.ndim:
-            raise BadInputError(f"channel axis {channel_axis} does not exist in shape {arr.shape}")
-        arr = np.moveaxis(arr, channel_axis, -1)
-    elif arr.ndim == 3 and arr.shape[-1] in (3, 4) and min(arr.shape[:2]) > 4:
-        pass
-    elif in_channels > 1 and arr.ndim >= 3 and arr.shape[-1] == in_channels:
-        pass
-    elif in_channels > 1 and arr.ndim >= 3 and arr.shape[0] == in_channels:
-        arr = np.moveaxis(arr, 0, -1)
-    else:
-        arr = arr[..., None]
-    spatial = arr.ndim - 1
-    if spatial not in (2, 3):
-        raise BadInputError(
-            f"image of shape {np.shape(image)} has {spatial} spatial dimensions; "
-            "supported are 2-D images and 3-D stacks (plus an optional channel axis)"
-        )
-    c = arr.shape[-1]
-    if c == in_channels:
-        return arr
-    if in_channels == 1:
-        if c == 4:
-            arr = arr[..., :3]
-        # accumulate in float64: three float32 values near the type's maximum overflow their sum
-        out_dtype = np.float64 if arr.dtype == np.float64 else np.float32
-        return arr.mean(axis=-1, keepdims=True, dtype=np.float64).astype(out_dtype)
-    raise BadInputError(f"the model needs {in_channels} channels, the image has {c}")
+    attention_keys: dict[str, AttentionKey] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------- tiling
@@ -116,14 +95,22 @@ def count_windows(shape: Sequence[int], tile: int, overlap: float) -> int:
     return _windows(h, min(tile, h), overlap) * _windows(w, min(tile, w), overlap)
 
 
-def _map_names(model: Model) -> list[str]:
-    names = []
-    for module_name, module in model.net.attention_modules():
-        for map_name in ("pointwise", "mix"):
-            if map_name == "mix" and getattr(module, "form", None) != "mix":
-                continue
-            names.append(f"{module_name} {map_name}")
-    return names
+def attention_map_keys(model: Model) -> list[AttentionKey]:
+    """The keys of the attention maps ``segment(..., attention=True)`` returns, in order."""
+    return model.net.map_keys()
+
+
+def _upsampled_map(m: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """(B, h, w) map at feature resolution -> (B, 1, H, W) over a tile of ``size``.
+
+    The map covers ceil(H / stride) cells: upsample to the padded extent, then
+    crop to the tile.
+    """
+    m = m.float()[:, None]
+    stride = math.ceil(size[0] / m.shape[-2]), math.ceil(size[1] / m.shape[-1])
+    full = F.interpolate(m, size=(m.shape[-2] * stride[0], m.shape[-1] * stride[1]),
+                         mode="bilinear", align_corners=False)
+    return full[..., : size[0], : size[1]]
 
 
 def predict_slice(
@@ -135,17 +122,22 @@ def predict_slice(
     batch_size: int = 1,
     maps: bool = False,
     on_window: Callable[[], None] | None = None,
+    *,
+    net: nn.Module | None = None,
 ) -> torch.Tensor:
-    """One 2-D image (C, H, W) -> (K [+ aux] [+ maps], H, W) float32 on the CPU.
+    """One 2-D image (C, H, W) -> (K [+ maps], H, W) float32 on the CPU.
 
-    Class channels are softmax probabilities. Tiles of ``tile`` pixels with
+    Class channels are softmax probabilities; with ``maps``, one channel per
+    :func:`attention_map_keys` entry follows. Tiles of ``tile`` pixels with
     ``overlap`` are blended with Gaussian weights (MONAI's sliding window);
     blending accumulates on the CPU, so device memory holds one batch of tiles.
+    ``net``: the network to run (on ``device``); ``model.net`` by default.
     """
     from monai.inferers import sliding_window_inference
 
-    net = model.net
+    net = model.net if net is None else net
     k = model.num_classes
+    map_keys = net.map_keys() if maps else []
     _, h, w = x.shape
     roi = (min(tile, h), min(tile, w))
 
@@ -157,22 +149,8 @@ def predict_slice(
                 logits, found = net.inspect(batch)
             else:
                 logits = net(batch)
-        logits = logits.float()
-        out = [torch.softmax(logits[:, :k], dim=1), logits[:, k:]]
-        if maps:
-            size = batch.shape[-2:]
-            for module_maps in found.values():
-                for name in ("pointwise", "mix"):
-                    if name in module_maps:
-                        m = module_maps[name].float()[:, None]
-                        # the map covers ceil(h / stride) cells: upsample to the
-                        # padded extent, then crop to the tile
-                        stride = math.ceil(size[0] / m.shape[-2]), math.ceil(size[1] / m.shape[-1])
-                        full = F.interpolate(
-                            m, size=(m.shape[-2] * stride[0], m.shape[-1] * stride[1]),
-                            mode="bilinear", align_corners=False,
-                        )
-                        out.append(full[..., : size[0], : size[1]])
+        out = [torch.softmax(logits.float()[:, :k], dim=1)]
+        out += [_upsampled_map(found[key.module.name][key.map], batch.shape[-2:]) for key in map_keys]
         return torch.cat(out, dim=1)
 
     inputs = torch.from_numpy(np.ascontiguousarray(x))[None]
@@ -191,7 +169,7 @@ def predict_slice(
     return result[0]
 
 
-# ------------------------------------------------------------------ segment
+# -------------------------------------------------------------------- bands
 def plane_bands(h: int, w: int, band_pixels: int | None = None, margin: int | None = None
                 ) -> list[tuple[int, int, int, int]]:
     """Row bands ``(r0, r1, e0, e1)`` covering an h x w plane: core rows [r0, r1), read rows [e0, e1).
@@ -228,6 +206,21 @@ def _owned_instances(inst: np.ndarray, r0: int, r1: int, e0: int) -> np.ndarray:
     return ids[(counts > 0) & (centroid >= r0) & (centroid < r1) & (ids > 0)]
 
 
+# -------------------------------------------------------------------- input
+def check_settings(tile, overlap, batch_size) -> None:
+    """Raise :class:`BadInputError` for a tile, overlap or batch size :func:`segment` cannot use."""
+    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < MIN_TILE:
+        raise BadInputError(f"tile must be an integer of at least {MIN_TILE} pixels, got {tile!r}")
+    if isinstance(overlap, bool) or not isinstance(overlap, (int, float, np.floating)) \
+            or not 0 <= overlap <= MAX_OVERLAP:
+        raise BadInputError(
+            f"overlap must be a number in [0, {MAX_OVERLAP}], got {overlap!r} "
+            "(the work grows as 1 / (1 - overlap)^2)"
+        )
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise BadInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+
+
 def _as_array(image, channel_axis: int | None = None) -> tuple[np.ndarray, int | None, int]:
     """-> (array, channel_axis, default slicing axis).
 
@@ -244,6 +237,191 @@ def _as_array(image, channel_axis: int | None = None) -> tuple[np.ndarray, int |
     return to_array(image), channel_axis, 0
 
 
+@dataclass
+class Planes:
+    """An image as 2-D planes for the network, and how results go back to its shape.
+
+    ``data`` is (n, H, W, C): the slices of a stack along ``axis`` (``None``
+    for a 2-D image, n = 1). ``todo``: the plane indices to segment.
+    """
+
+    data: np.ndarray
+    axis: int | None
+    todo: list[int]
+    percentiles: tuple[float, float]
+    volume_range: tuple[float, float] | None = None
+
+    @property
+    def is_stack(self) -> bool:
+        return self.axis is not None
+
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        return tuple(self.data.shape[1:3])
+
+    def normalized(self, s: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """Plane ``s`` as (C, H, W) in [0, 1] and its mask of NaN/inf pixels; None when none is finite."""
+        plane = np.moveaxis(self.data[s], -1, 0)
+        if plane.dtype.kind == "f" and not np.isfinite(plane).any():
+            return None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x, bad = normalize(plane, self.volume_range, self.percentiles)
+        return x, (bad.any(axis=0) if bad is not None else None)
+
+    def restore(self, a: np.ndarray) -> np.ndarray:
+        """(n, H, W) per-plane results -> the image's spatial shape."""
+        return np.moveaxis(a, 0, self.axis) if self.is_stack else a[0]
+
+
+def prepare_input(image, model: Model, axis: int | None = None, channel_axis: int | None = None,
+                  slices: Sequence[int] | None = None) -> Planes:
+    """Validate an image (array, :class:`ImageFile` or path) and cut it into planes.
+
+    Channels follow :func:`.channels.prepare_channels`; stacks are sliced
+    along ``axis`` (default: the file's, else 0); ``slices`` selects planes.
+    """
+    arr, channel_axis, default_axis = _as_array(image, channel_axis)
+    data = prepare_channels(arr, model.in_channels, channel_axis)
+    if data.ndim - 1 == 3:
+        ax = (default_axis if axis is None else axis) % 3
+        data = np.moveaxis(data, ax, 0)
+    else:
+        if axis not in (None, 0):
+            raise BadInputError("axis applies to 3-D stacks only")
+        ax = None
+        data = data[None]
+    n = data.shape[0]
+    todo = list(range(n)) if slices is None else sorted({int(s) for s in slices})
+    if any(not 0 <= s < n for s in todo):
+        raise BadInputError(f"slice indices must be in [0, {n - 1}]")
+    pct = tuple(model.normalization.get("percentiles", (1.0, 99.8)))
+    if data.dtype.kind == "f" and not np.isfinite(data).any():
+        raise BadInputError("the image has no finite pixel (all NaN or infinite)")
+    per_volume = model.normalization.get("per") == "volume" and ax is not None
+    return Planes(data, ax, todo, pct, percentile_range(data, *pct) if per_volume else None)
+
+
+# ------------------------------------------------------------ forward pass
+@dataclass
+class Placement:
+    """Where the network runs: a device and the network on it (``model.net`` is never moved)."""
+
+    device: torch.device
+    net: nn.Module
+
+    @classmethod
+    def on(cls, model: Model, device: torch.device) -> Placement:
+        return cls(device, inference_network(model.net, device))
+
+
+def predict_band(model: Model, x: np.ndarray, place: Placement, tile: int, overlap: float,
+                 batch_size: int, maps: bool, on_window: Callable[[], None] | None,
+                 notes: list[str]) -> torch.Tensor:
+    """:func:`predict_slice` on one band; on CUDA out of memory halve the tile, then use the CPU.
+
+    Each fallback step is a line in ``notes``; the move to the CPU lasts for
+    the rest of the run (``place`` is updated).
+    """
+    tile_now = int(tile)
+    while True:
+        try:
+            return predict_slice(model, x, place.device, tile_now, overlap, batch_size, maps, on_window,
+                                 net=place.net)
+        except Cancelled:
+            raise
+        except Exception as exc:
+            if place.device.type != "cuda" or not is_out_of_memory(exc):
+                raise
+            free_cache(place.device)
+            if tile_now // 2 >= MIN_TILE:
+                tile_now //= 2
+                notes.append(f"CUDA out of memory: retrying with {tile_now}-pixel tiles")
+            else:
+                cpu = Placement.on(model, torch.device("cpu"))
+                place.device, place.net = cpu.device, cpu.net
+                notes.append("CUDA out of memory at the smallest tile: fell back to the CPU")
+
+
+# ---------------------------------------------------------- post-processing
+def band_classes(model: Model, probs: np.ndarray, bad: np.ndarray | None) -> np.ndarray:
+    """(K, h, w) probabilities -> (h, w) uint8 class ids; NaN/inf input pixels are background."""
+    cls = classify(probs, model.postprocess)
+    if bad is not None:
+        cls[bad] = 0
+    return cls
+
+
+def band_instances(model: Model, cls: np.ndarray) -> np.ndarray:
+    """Foreground classes -> instance ids 1..n (the model's watershed settings)."""
+    return split_instances(
+        cls > 0,
+        min_distance=model.postprocess.get("min_distance", 3),
+        min_size=model.postprocess.get("min_size", 15),
+    )
+
+
+# ---------------------------------------------------------------- assembly
+class Assembly:
+    """Output arrays of a run: per-plane labels and maps, filled band by band.
+
+    Instance ids are 1..n over the whole image: each band's objects get the
+    next free ids, so ids are unique across bands and slices.
+    """
+
+    def __init__(self, planes: Planes, instances: bool, map_keys: list[AttentionKey]) -> None:
+        n, (h, w) = planes.data.shape[0], planes.plane_shape
+        self.planes = planes
+        self.instances = instances
+        self.labels = np.zeros((n, h, w), dtype=np.int32 if instances else np.uint8)
+        self.map_keys = map_keys
+        self.maps = [np.zeros((n, h, w), dtype=np.float32) for _ in map_keys]
+        self.next_id = 0
+
+    def put_classes(self, s: int, band: tuple[int, int, int, int], cls: np.ndarray) -> None:
+        r0, r1, e0, _ = band
+        self.labels[s, r0:r1] = cls[r0 - e0 : r1 - e0]
+
+    def put_instances(self, s: int, band: tuple[int, int, int, int], inst: np.ndarray, whole: bool) -> None:
+        """``whole``: the band is the whole plane. Otherwise objects belong to the band
+        holding their centroid and are written whole (margin rows included) where no
+        earlier band has written yet."""
+        if whole:
+            inst[inst > 0] += self.next_id
+            self.next_id = max(self.next_id, int(inst.max()))
+            self.labels[s] = inst
+            return
+        r0, r1, e0, e1 = band
+        owned = _owned_instances(inst, r0, r1, e0)
+        lut = np.zeros(int(inst.max()) + 1, dtype=np.int32)
+        lut[owned] = np.arange(self.next_id + 1, self.next_id + 1 + len(owned), dtype=np.int32)
+        self.next_id += len(owned)
+        new_ids = lut[inst]
+        target = self.labels[s, e0:e1]
+        free = (new_ids > 0) & (target == 0)
+        target[free] = new_ids[free]
+
+    def put_maps(self, s: int, band: tuple[int, int, int, int], maps: torch.Tensor) -> None:
+        """``maps``: (len(map_keys), band rows, W), in the order of ``map_keys``."""
+        r0, r1, e0, _ = band
+        for i, out in enumerate(self.maps):
+            out[s, r0:r1] = maps[i, r0 - e0 : r1 - e0].numpy()
+
+    def result(self, device: torch.device, notes: list[str], start: float) -> Segmentation:
+        restore = self.planes.restore
+        return Segmentation(
+            labels=restore(self.labels),
+            attention={key.name: restore(m) for key, m in zip(self.map_keys, self.maps)},
+            device=describe_device(device),
+            notes=notes,
+            seconds=time.perf_counter() - start,
+            instances=self.instances,
+            slices=self.planes.todo if self.planes.is_stack else None,
+            attention_keys={key.name: key for key in self.map_keys},
+        )
+
+
+# ------------------------------------------------------------------ segment
 def _segment_series(image: ImageFile, callback: Callback | None, **kwargs) -> Segmentation:
     """Each time point of a time series on its own; labels stacked on the time axis."""
     start = time.perf_counter()
@@ -268,7 +446,25 @@ def _segment_series(image: ImageFile, callback: Callback | None, **kwargs) -> Se
         seconds=time.perf_counter() - start,
         instances=first.instances,
         slices=first.slices,
+        attention_keys=first.attention_keys,
     )
+
+
+class _Progress:
+    """Counts windows and reports them; a callback returning ``False`` cancels."""
+
+    def __init__(self, callback: Callback | None, total: int, place: Placement) -> None:
+        self.callback, self.total, self.place, self.done = callback, total, place, 0
+
+    def report(self, message: str) -> None:
+        if self.callback is not None and self.callback(
+            {"stage": "segment", "done": self.done, "total": self.total, "message": message}
+        ) is False:
+            raise Cancelled("segmentation cancelled")
+
+    def on_window(self) -> None:
+        self.report(f"tile {self.done + 1}/{self.total} on {self.place.device.type}")
+        self.done += 1
 
 
 def segment(
@@ -293,21 +489,13 @@ def segment(
     series (4-D NIfTI) is segmented one time point after the other; its
     labels keep the time axis. On CUDA out of memory the tile is halved down
     to 64 px, then the CPU is used; each step is recorded in ``notes``.
+    ``batch_size`` tiles go through the network at once.
     Raises :class:`BadInputError` for bad input and :class:`Cancelled` when
     ``callback`` returns ``False``.
     """
     start = time.perf_counter()
     model = load_model(model)
-    if isinstance(tile, bool) or not isinstance(tile, (int, np.integer)) or tile < MIN_TILE:
-        raise BadInputError(f"tile must be an integer of at least {MIN_TILE} pixels, got {tile!r}")
-    if isinstance(overlap, bool) or not isinstance(overlap, (int, float, np.floating)) \
-            or not 0 <= overlap <= MAX_OVERLAP:
-        raise BadInputError(
-            f"overlap must be a number in [0, {MAX_OVERLAP}], got {overlap!r} "
-            "(the work grows as 1 / (1 - overlap)^2)"
-        )
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise BadInputError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_settings(tile, overlap, batch_size)
     axis = check_axis(axis)
     if isinstance(image, (str, os.PathLike)):
         image = read_image(image)
@@ -315,143 +503,38 @@ def segment(
         return _segment_series(image, callback, model=model, device=device, tile=tile, overlap=overlap,
                                batch_size=batch_size, axis=axis, slices=slices, attention=attention)
     dev = resolve_device(device)
-    arr, channel_axis, default_axis = _as_array(image, channel_axis)
-    data = prepare_channels(arr, model.in_channels, channel_axis)
-    spatial_shape = data.shape[:-1]
-
-    is_stack = len(spatial_shape) == 3
-    if is_stack:
-        ax = default_axis if axis is None else axis
-        ax %= 3
-        data = np.moveaxis(data, ax, 0)
-    else:
-        if axis not in (None, 0):
-            raise BadInputError("axis applies to 3-D stacks only")
-        ax = None
-        data = data[None]
-    n = data.shape[0]
-    todo = list(range(n)) if slices is None else sorted({int(s) for s in slices})
-    if any(not 0 <= s < n for s in todo):
-        raise BadInputError(f"slice indices must be in [0, {n - 1}]")
-
-    per_volume = model.normalization.get("per") == "volume" and is_stack
-    pct = tuple(model.normalization.get("percentiles", (1.0, 99.8)))
-    if data.dtype.kind == "f" and not np.isfinite(data).any():
-        raise BadInputError("the image has no finite pixel (all NaN or infinite)")
-    volume_range = percentile_range(data, *pct) if per_volume else None
-
-    net = model.net.eval()
-    net.to(dev)
-    hw = data.shape[1:3]
-    labels = np.zeros((n, *hw), dtype=np.int32 if model.instances else np.uint8)
-    names = _map_names(model) if attention else []
-    maps = {name: np.zeros((n, *hw), dtype=np.float32) for name in names}
+    planes = prepare_input(image, model, axis, channel_axis, slices)
+    place = Placement.on(model, dev)
+    out = Assembly(planes, model.instances, attention_map_keys(model) if attention else [])
+    bands = plane_bands(*planes.plane_shape)
+    width = planes.plane_shape[1]
+    total = len(planes.todo) * sum(count_windows((e1 - e0, width), tile, overlap) for _, _, e0, e1 in bands)
+    progress = _Progress(callback, total, place)
     notes: list[str] = []
-    bands = plane_bands(*hw)
-    total = len(todo) * sum(count_windows((e1 - e0, hw[1]), tile, overlap) for _, _, e0, e1 in bands)
-    done = 0
     nonfinite_pixels = 0
-
-    def report(message: str) -> None:
-        if callback is not None and callback(
-            {"stage": "segment", "done": done, "total": total, "message": message}
-        ) is False:
-            raise Cancelled("segmentation cancelled")
-
-    def on_window() -> None:
-        nonlocal done
-        report(f"tile {done + 1}/{total} on {dev.type}")
-        done += 1
-
-    next_id = 0
-    report("starting")
-    for s in todo:
-        plane = np.moveaxis(data[s], -1, 0)  # (C, H, W)
-        if plane.dtype.kind == "f" and not np.isfinite(plane).any():
+    k = model.num_classes
+    progress.report("starting")
+    for s in planes.todo:
+        prepared = planes.normalized(s)
+        if prepared is None:
             continue
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            x, bad = normalize(plane, volume_range, pct)
-        bad = bad.any(axis=0) if bad is not None else None
+        x, bad = prepared
         if bad is not None:
             nonfinite_pixels += int(bad.sum())
-        for r0, r1, e0, e1 in bands:
+        for band in bands:
+            _, _, e0, e1 = band
             xb = x if len(bands) == 1 else np.ascontiguousarray(x[:, e0:e1])
-            bad_b = None if bad is None else bad[e0:e1]
-            tile_now = int(tile)
-            while True:
-                try:
-                    out = predict_slice(model, xb, dev, tile_now, overlap, batch_size, bool(names), on_window)
-                    break
-                except Cancelled:
-                    raise
-                except Exception as exc:
-                    if dev.type != "cuda" or not is_out_of_memory(exc):
-                        raise
-                    free_cache(dev)
-                    if tile_now // 2 >= MIN_TILE:
-                        tile_now //= 2
-                        notes.append(f"CUDA out of memory: retrying with {tile_now}-pixel tiles")
-                    else:
-                        dev = torch.device("cpu")
-                        net.to(dev)
-                        notes.append("CUDA out of memory at the smallest tile: fell back to the CPU")
+            pred = predict_band(model, xb, place, tile, overlap, batch_size, bool(out.map_keys),
+                                progress.on_window, notes)
             del xb
-            k = model.num_classes
-            probs = out[:k].numpy()
-            thr = model.postprocess.get("threshold")
-            if k == 2 and thr is not None:
-                cls = (probs[1] > thr).astype(np.uint8)
-            else:
-                cls = argmax_labels(probs)
-            del probs
-            if bad_b is not None:
-                cls[bad_b] = 0
-            core = slice(r0 - e0, r1 - e0)
+            cls = band_classes(model, pred[:k].numpy(), None if bad is None else bad[e0:e1])
             if model.instances:
-                distance = out[k].numpy() if model.postprocess.get("distance_channel") else None
-                inst = split_instances(
-                    cls > 0,
-                    min_distance=model.postprocess.get("min_distance", 3),
-                    min_size=model.postprocess.get("min_size", 15),
-                    distance=distance,
-                )
-                del cls, distance
-                if len(bands) == 1:
-                    inst[inst > 0] += next_id
-                    next_id = max(next_id, int(inst.max()))
-                    labels[s] = inst
-                else:
-                    # objects belong to the band holding their centroid; they are written whole
-                    # (margin rows included) where no earlier band has written yet
-                    owned = _owned_instances(inst, r0, r1, e0)
-                    lut = np.zeros(int(inst.max()) + 1, dtype=np.int32)
-                    lut[owned] = np.arange(next_id + 1, next_id + 1 + len(owned), dtype=np.int32)
-                    next_id += len(owned)
-                    new_ids = lut[inst]
-                    del inst
-                    target = labels[s, e0:e1]
-                    free = (new_ids > 0) & (target == 0)
-                    target[free] = new_ids[free]
-                    del new_ids, free
+                out.put_instances(s, band, band_instances(model, cls), whole=len(bands) == 1)
             else:
-                labels[s, r0:r1] = cls[core]
-            first_map = k + model.config.aux_channels
-            for i, name in enumerate(names):
-                maps[name][s, r0:r1] = out[first_map + i, core].numpy()
-            del out
+                out.put_classes(s, band, cls)
+            del cls
+            out.put_maps(s, band, pred[k:])
+            del pred
     if nonfinite_pixels:
         notes.append(f"{nonfinite_pixels} NaN/infinite pixels were labelled background")
-
-    def restore(a: np.ndarray) -> np.ndarray:
-        return np.moveaxis(a, 0, ax) if is_stack else a[0]
-
-    return Segmentation(
-        labels=restore(labels),
-        attention={name: restore(m) for name, m in maps.items()},
-        device=describe_device(dev),
-        notes=notes,
-        seconds=time.perf_counter() - start,
-        instances=model.instances,
-        slices=todo if is_stack else None,
-    )
+    return out.result(place.device, notes, start)

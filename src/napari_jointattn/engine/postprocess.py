@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import warnings
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -15,18 +18,24 @@ def argmax_labels(probs: np.ndarray, band: int = 512) -> np.ndarray:
     return out
 
 
-def split_instances(
-    mask: np.ndarray,
-    min_distance: int = 3,
-    min_size: int = 15,
-    distance: np.ndarray | None = None,
-) -> np.ndarray:
+def classify(probs: np.ndarray, postprocess: dict) -> np.ndarray:
+    """(K, H, W) class probabilities -> (H, W) uint8 class ids.
+
+    Two-class models with a calibrated ``threshold`` in their post-processing
+    settings: foreground where its probability exceeds it; otherwise argmax.
+    """
+    thr = postprocess.get("threshold")
+    if probs.shape[0] == 2 and thr is not None:
+        return (probs[1] > thr).astype(np.uint8)
+    return argmax_labels(probs)
+
+
+def split_instances(mask: np.ndarray, min_distance: int = 3, min_size: int = 15) -> np.ndarray:
     """Split a foreground mask into instances (distance-transform watershed).
 
-    ``distance`` may be a predicted distance map; otherwise the Euclidean
-    distance to the background is used. Seeds are local maxima at least
-    ``min_distance`` pixels apart; objects under ``min_size`` pixels are
-    dropped. Returns int32 ids 1..n.
+    Seeds are local maxima of the smoothed Euclidean distance to the
+    background at least ``min_distance`` pixels apart; objects under
+    ``min_size`` pixels are dropped. Returns int32 ids 1..n.
     """
     from skimage.feature import peak_local_max
     from skimage.segmentation import watershed
@@ -34,11 +43,8 @@ def split_instances(
     mask = np.asarray(mask, dtype=bool)
     if not mask.any():
         return np.zeros(mask.shape, dtype=np.int32)
-    if distance is None:
-        distance = ndi.distance_transform_edt(mask).astype(np.float32)
-        distance = ndi.gaussian_filter(distance, 1.0)
-    else:
-        distance = np.asarray(distance, dtype=np.float32)
+    distance = ndi.distance_transform_edt(mask).astype(np.float32)
+    distance = ndi.gaussian_filter(distance, 1.0)
     components, _ = ndi.label(mask)
     peaks = peak_local_max(
         distance, min_distance=max(1, int(min_distance)), labels=components, exclude_border=False
@@ -56,20 +62,29 @@ def split_instances(
 
 
 def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Objects of fewer than ``min_size`` pixels set to 0 (scikit-image)."""
+    from skimage.morphology import remove_small_objects
+
     if min_size <= 1 or labels.max() == 0:
         return labels
-    sizes = np.bincount(labels.ravel())
-    small = sizes < min_size
-    small[0] = False
-    if small.any():
-        labels = labels.copy()
-        labels[small[labels]] = 0
-    return labels
+    # scikit-image 0.26 renamed min_size (removes < n) to max_size (removes <= n)
+    size = {"max_size": min_size - 1} if _has_max_size() else {"min_size": min_size}
+    with warnings.catch_warnings():  # "only one label": one object is a valid label image here
+        warnings.filterwarnings("ignore", message="Only one label", category=UserWarning)
+        return remove_small_objects(labels, **size)
+
+
+@functools.cache
+def _has_max_size() -> bool:
+    import inspect
+
+    from skimage.morphology import remove_small_objects
+
+    return "max_size" in inspect.signature(remove_small_objects).parameters
 
 
 def relabel_sequential(labels: np.ndarray) -> np.ndarray:
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    lut = np.zeros(int(labels.max()) + 1, dtype=np.int32)
-    lut[ids] = np.arange(1, len(ids) + 1, dtype=np.int32)
-    return lut[labels]
+    """Ids 1..n in the order of the old ids, int32 (scikit-image)."""
+    from skimage.segmentation import relabel_sequential as relabel
+
+    return relabel(labels)[0].astype(np.int32, copy=False)

@@ -9,21 +9,27 @@ O(N d): well under the 0.2 s an interactive click needs on a CPU.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..model import AttentionKey
+from .channels import prepare_channels
 from .errors import BadInputError
-from .inference import prepare_channels
 from .models import Model, load_model
 from .normalize import normalize, percentile_range
+from .placement import inference_network
 
 
 @dataclass
 class QueryResult:
-    """``heatmap`` (tile_h, tile_w) sums to ~1, placed at ``origin`` (row, col) of the 2-D image."""
+    """``heatmap`` (tile_h, tile_w) sums to ~1, placed at ``origin`` (row, col) of the 2-D image.
+
+    ``module`` is the display name of the queried module (``key.name``).
+    """
 
     heatmap: np.ndarray
     origin: tuple[int, int]
@@ -31,13 +37,16 @@ class QueryResult:
     slice_index: int | None
     pointwise: np.ndarray | None = None
     mix: np.ndarray | None = None
+    key: AttentionKey | None = None
 
 
 class AttentionQuery:
     """Interactive attention rows for one image (2-D, or a stack sliced along axis 0).
 
-    ``module`` names an attention module with a global part (e.g. ``"joint 1/32"``);
-    the default is the deepest one.
+    ``module`` is an attention module with a global part: its :class:`AttentionKey`
+    or display name (e.g. ``"joint 1/32"``); the default is the deepest one.
+    The network runs on ``device`` without moving the model's shared network
+    (see :mod:`.placement`), so queries may run while another thread segments.
     """
 
     def __init__(
@@ -47,7 +56,7 @@ class AttentionQuery:
         *,
         tile: int = 512,
         channel_axis: int | None = None,
-        module: str | None = None,
+        module: AttentionKey | str | None = None,
         device: str | torch.device = "cpu",
     ) -> None:
         self.model = load_model(model)
@@ -55,15 +64,16 @@ class AttentionQuery:
         self.is_stack = self.data.ndim == 4
         self.tile = int(tile)
         self.device = torch.device(device)
-        candidates = [(n, m) for n, m in self.model.net.attention_modules() if m.kind != "pointwise"]
+        candidates = [key for key, m in self.model.net.attention_keys() if m.has_global_row]
         if not candidates:
             raise BadInputError("this model has no self- or joint-attention module to query")
-        names = [n for n, _ in candidates]
-        self.module_name = module or names[-1]
-        if self.module_name not in names:
-            raise BadInputError(f"no module {self.module_name!r} with global attention (have {names})")
-        self.module = dict(candidates)[self.module_name]
-        self.stride = int(self.module_name.rsplit("/", 1)[1])
+        by_name = {key.name: key for key in candidates}
+        wanted = module.name if isinstance(module, AttentionKey) else module
+        if wanted is not None and wanted not in by_name:
+            raise BadInputError(f"no module {wanted!r} with global attention (have {list(by_name)})")
+        self.key = by_name[wanted] if wanted is not None else candidates[-1]
+        self.module_name = self.key.name
+        self.stride = self.key.stride
         pct = tuple(self.model.normalization.get("percentiles", (1.0, 99.8)))
         self._pct = pct
         self._range = (
@@ -71,7 +81,7 @@ class AttentionQuery:
             if self.is_stack and self.model.normalization.get("per") == "volume"
             else None
         )
-        self._cache: dict[tuple, torch.Tensor] = {}
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.nn.Module]] = {}
 
     @property
     def plane_shape(self) -> tuple[int, int]:
@@ -84,7 +94,12 @@ class AttentionQuery:
         x0 = min(int(point[1]) // self.tile * self.tile, w - tw)
         return y0, x0, th, tw
 
-    def _features(self, z: int | None, y0: int, x0: int, th: int, tw: int) -> torch.Tensor:
+    def _module_of(self, net: torch.nn.Module) -> torch.nn.Module:
+        return dict(net.attention_keys())[self.key]
+
+    def _features(self, z: int | None, y0: int, x0: int, th: int, tw: int
+                  ) -> tuple[torch.Tensor, torch.nn.Module]:
+        """The queried module's input features on a tile, and that module (on the device)."""
         key = (z, y0, x0, th, tw)
         if key not in self._cache:
             plane = self.data[z] if self.is_stack else self.data
@@ -93,17 +108,22 @@ class AttentionQuery:
                 raise BadInputError("this tile has no finite pixel")
             x, _ = normalize(crop, self._range, self._pct)
             captured = {}
-            net = self.model.net.eval().to(self.device)
-            handle = self.module.register_forward_pre_hook(
-                lambda _m, args: captured.__setitem__("f", args[0])
-            )
+            owner = threading.get_ident()
+            net = inference_network(self.model.net, self.device)
+            module = self._module_of(net)
+
+            def hook(_m, args):  # the network may be running in other threads too
+                if threading.get_ident() == owner:
+                    captured["f"] = args[0]
+
+            handle = module.register_forward_pre_hook(hook)
             try:
                 with torch.inference_mode():
                     net(torch.from_numpy(x)[None].to(self.device))
             finally:
                 handle.remove()
             self._cache.clear()  # one tile at a time: bounded memory
-            self._cache[key] = captured["f"]
+            self._cache[key] = (captured["f"], module)
         return self._cache[key]
 
     def query(self, point: tuple[int, int], slice_index: int | None = None) -> QueryResult:
@@ -118,12 +138,12 @@ class AttentionQuery:
         else:
             slice_index = None
         y0, x0, th, tw = self._tile_origin((r, c))
-        feats = self._features(slice_index, y0, x0, th, tw)
+        feats, module = self._features(slice_index, y0, x0, th, tw)
         s = self.stride
         fy, fx = (r - y0) // s, (c - x0) // s
         with torch.inference_mode():
-            row = self.module.attention_row(feats, fy * feats.shape[-1] + fx)[0]
-            maps = self.module.maps(feats)
+            row = module.attention_row(feats, fy * feats.shape[-1] + fx)[0]
+            maps = module.maps(feats)
         fh, fw = math.ceil(th / s), math.ceil(tw / s)
 
         def up(t: torch.Tensor) -> np.ndarray:
@@ -139,4 +159,5 @@ class AttentionQuery:
             slice_index=slice_index,
             pointwise=up(maps["pointwise"][0]) if "pointwise" in maps else None,
             mix=up(maps["mix"][0]) if "mix" in maps else None,
+            key=self.key,
         )

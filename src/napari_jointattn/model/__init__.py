@@ -1,6 +1,8 @@
 """Pure-PyTorch model core: the unified attention formula and the DenseUNet."""
 
 from .attention import (
+    ATTENTION_TYPES,
+    AttentionKey,
     JointAttention,
     PointwiseAttention,
     SelfAttention,
@@ -11,6 +13,8 @@ from .attention import (
 from .denseunet import DenseUNet, DenseUNetConfig, count_parameters
 
 __all__ = [
+    "ATTENTION_TYPES",
+    "AttentionKey",
     "DenseUNet",
     "DenseUNetConfig",
     "JointAttention",

@@ -31,13 +31,44 @@ Two paths exist for every module:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-KINDS = ("pointwise", "self", "joint")
 JOINT_FORMS = ("mix", "gated")
+
+
+@dataclass(frozen=True)
+class AttentionKey:
+    """Which attention module (``map`` None), or which of its per-pixel maps.
+
+    ``kind`` is the module's kind (``"joint"``), ``stride`` the downsampling
+    of its feature map (8 for 1/8 of the input), ``map`` a map name
+    (``"pointwise"``, ``"mix"``). :attr:`name` is the display string, e.g.
+    ``"joint 1/8"`` or ``"joint 1/8 mix"``; nothing parses it back.
+    """
+
+    kind: str
+    stride: int
+    map: str | None = None
+
+    @property
+    def name(self) -> str:
+        module = f"{self.kind} 1/{self.stride}"
+        return module if self.map is None else f"{module} {self.map}"
+
+    @property
+    def module(self) -> AttentionKey:
+        """The key of the module this map belongs to."""
+        return replace(self, map=None)
+
+    def with_map(self, map_name: str) -> AttentionKey:
+        return replace(self, map=map_name)
+
+    def __str__(self) -> str:
+        return self.name
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -80,6 +111,14 @@ class UnifiedAttention(nn.Module):
     """
 
     kind: str = ""
+    #: whether :meth:`attention_row` exists (a global, softmax part of ``A``)
+    has_global_row: bool = False
+
+    @classmethod
+    def create(cls, channels: int, *, value_dim: int | None = None, key_dim: int | None = None,
+               joint_form: str = "mix") -> UnifiedAttention:
+        """Build from the network config's attention settings (those this kind uses)."""
+        return cls(channels, value_dim)
 
     def __init__(self, channels: int, value_dim: int | None = None) -> None:
         super().__init__()
@@ -111,8 +150,13 @@ class UnifiedAttention(nn.Module):
         y = torch.bmm(a, _flat(self.value(x)))
         return x + self.gamma * self.out(_unflat(y, h, w))
 
+    @property
+    def map_names(self) -> tuple[str, ...]:
+        """Names of the per-pixel maps :meth:`maps` returns, in order."""
+        return ()
+
     def maps(self, x: Tensor) -> dict[str, Tensor]:
-        """Per-pixel maps at feature resolution: name -> (B, H, W)."""
+        """Per-pixel maps at feature resolution: name -> (B, H, W), one per :attr:`map_names`."""
         return {}
 
     def attention_row(self, x: Tensor, index: int) -> Tensor:
@@ -174,6 +218,10 @@ class PointwiseAttention(_GateMixin, UnifiedAttention):
     def explicit_matrix(self, x: Tensor) -> Tensor:
         return torch.diag_embed(self.gate_map(x).flatten(1))
 
+    @property
+    def map_names(self) -> tuple[str, ...]:
+        return ("pointwise",)
+
     def maps(self, x: Tensor) -> dict[str, Tensor]:
         return {"pointwise": self.gate_map(x)[:, 0]}
 
@@ -182,6 +230,12 @@ class SelfAttention(_QueryKeyMixin, UnifiedAttention):
     """Dense softmax ``A`` (non-local block): every pixel gathers from all."""
 
     kind = "self"
+    has_global_row = True
+
+    @classmethod
+    def create(cls, channels: int, *, value_dim: int | None = None, key_dim: int | None = None,
+               joint_form: str = "mix") -> SelfAttention:
+        return cls(channels, value_dim, key_dim)
 
     def __init__(
         self, channels: int, value_dim: int | None = None, key_dim: int | None = None
@@ -208,6 +262,12 @@ class JointAttention(_GateMixin, _QueryKeyMixin, UnifiedAttention):
     """Point-wise and self-attention in one ``A`` (see module docstring)."""
 
     kind = "joint"
+    has_global_row = True
+
+    @classmethod
+    def create(cls, channels: int, *, value_dim: int | None = None, key_dim: int | None = None,
+               joint_form: str = "mix") -> JointAttention:
+        return cls(channels, value_dim, key_dim, form=joint_form)
 
     def __init__(
         self,
@@ -257,6 +317,10 @@ class JointAttention(_GateMixin, _QueryKeyMixin, UnifiedAttention):
             )
         return torch.softmax(s + F.logsigmoid(self.gate(x)).flatten(1).unsqueeze(1), dim=-1)
 
+    @property
+    def map_names(self) -> tuple[str, ...]:
+        return ("pointwise", "mix") if self.form == "mix" else ("pointwise",)
+
     def maps(self, x: Tensor) -> dict[str, Tensor]:
         out = {"pointwise": self.gate_map(x)[:, 0]}
         if self.form == "mix":
@@ -270,6 +334,15 @@ class JointAttention(_GateMixin, _QueryKeyMixin, UnifiedAttention):
         return torch.softmax(s, dim=-1).reshape(x.shape[0], x.shape[2], x.shape[3])
 
 
+#: every attention kind by name: a new variant is one class and one line here
+ATTENTION_TYPES: dict[str, type[UnifiedAttention]] = {
+    "pointwise": PointwiseAttention,
+    "self": SelfAttention,
+    "joint": JointAttention,
+}
+KINDS = tuple(ATTENTION_TYPES)
+
+
 def make_attention(
     kind: str,
     channels: int,
@@ -278,10 +351,7 @@ def make_attention(
     joint_form: str = "mix",
 ) -> UnifiedAttention:
     """Build one instance of the unified formula by name."""
-    if kind == "pointwise":
-        return PointwiseAttention(channels, value_dim)
-    if kind == "self":
-        return SelfAttention(channels, value_dim, key_dim)
-    if kind == "joint":
-        return JointAttention(channels, value_dim, key_dim, form=joint_form)
-    raise ValueError(f"attention kind must be one of {KINDS}, got {kind!r}")
+    if kind not in ATTENTION_TYPES:
+        raise ValueError(f"attention kind must be one of {KINDS}, got {kind!r}")
+    return ATTENTION_TYPES[kind].create(channels, value_dim=value_dim, key_dim=key_dim,
+                                        joint_form=joint_form)

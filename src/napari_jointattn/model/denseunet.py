@@ -15,13 +15,14 @@ each scale listed in ``attention_levels``.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .attention import JOINT_FORMS, KINDS, UnifiedAttention, make_attention
+from .attention import JOINT_FORMS, KINDS, AttentionKey, UnifiedAttention, make_attention
 
 ATTENTION_CHOICES = ("none",) + KINDS
 NORMS = ("group", "batch")
@@ -47,7 +48,6 @@ class DenseUNetConfig:
 
     in_channels: int = 1
     num_classes: int = 2
-    aux_channels: int = 0
     stem_channels: int = 24
     growth: int = 16
     block_layers: tuple[int, ...] = (4, 6, 8, 6)
@@ -83,8 +83,6 @@ class DenseUNetConfig:
         positive("head_channels", self.head_channels)
         positive("head_layers", self.head_layers)
         positive("attention_dim", self.attention_dim)
-        if not isinstance(self.aux_channels, int) or self.aux_channels < 0:
-            raise ValueError(f"aux_channels must be >= 0, got {self.aux_channels!r}")
         if not 1 <= len(self.block_layers) <= 6:
             raise ValueError("block_layers needs 1 to 6 dense blocks")
         for n in self.block_layers:
@@ -120,8 +118,18 @@ class DenseUNetConfig:
             d[key] = list(d[key])
         return d
 
+    @property
+    def aux_channels(self) -> int:
+        """Always 0: extra output channels are not supported (files may still say 0)."""
+        return 0
+
     @classmethod
     def from_dict(cls, d: dict) -> DenseUNetConfig:
+        d = dict(d)
+        # files written before extra output channels were removed say "aux_channels": 0
+        aux = d.pop("aux_channels", 0)
+        if aux != 0:
+            raise ValueError(f"aux_channels {aux!r}: extra output channels are not supported")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
@@ -192,7 +200,7 @@ def conv_bn_relu(
 
 
 class DenseUNet(nn.Module):
-    """Joint-attention DenseUNet: (B, in_channels, H, W) -> (B, K + aux, H, W).
+    """Joint-attention DenseUNet: (B, in_channels, H, W) -> (B, K, H, W).
 
     Any H and W: inputs are padded (edge replication) to a multiple of
     ``config.multiple`` and the output is cropped back.
@@ -246,7 +254,7 @@ class DenseUNet(nn.Module):
             self.laterals.append(nn.Conv2d(skip_ch, dec[i], 1, bias=False))
             self.fuse.append(conv_bn_relu(dec[i], dec[i + 1], norm=c.norm))
         self.dropout = nn.Dropout2d(c.dropout)
-        n_out = c.num_classes + c.aux_channels
+        n_out = c.num_classes
         self.classifier = nn.Conv2d(dec[-1], n_out, 1)
         # Classifying at 1/2 and upsampling is cheap; a small residual head at
         # full resolution sees the input again so boundaries stay sharp.
@@ -264,13 +272,21 @@ class DenseUNet(nn.Module):
         """The classifier head (1/2-resolution classifier and full-resolution refinement)."""
         return [self.classifier, *self.refine]
 
+    def attention_keys(self) -> list[tuple[AttentionKey, UnifiedAttention]]:
+        """(key, module) for every attention module, shallow first."""
+        out = []
+        for level_key, module in self.attention.items():
+            level = int(level_key.removeprefix("level"))
+            out.append((AttentionKey(module.kind, self.stride(level)), module))
+        return out
+
     def attention_modules(self) -> list[tuple[str, UnifiedAttention]]:
         """(display name, module), e.g. ``("joint 1/16", module)``, shallow first."""
-        out = []
-        for key, module in self.attention.items():
-            level = int(key.removeprefix("level"))
-            out.append((f"{module.kind} 1/{self.stride(level)}", module))
-        return out
+        return [(key.name, module) for key, module in self.attention_keys()]
+
+    def map_keys(self) -> list[AttentionKey]:
+        """The key of every per-pixel map :meth:`inspect` returns, in order."""
+        return [key.with_map(m) for key, module in self.attention_keys() for m in module.map_names]
 
     @staticmethod
     def stride(level: int) -> int:
@@ -322,7 +338,8 @@ class DenseUNet(nn.Module):
     ) -> tuple[Tensor, dict[str, dict[str, Tensor]]]:
         """Forward plus attention maps for display.
 
-        Returns ``(logits, maps)`` where ``maps[module_name][map_name]`` is a
+        Returns ``(logits, maps)`` where ``maps[key.name][map_name]`` (``key`` from
+        :meth:`attention_keys`, e.g. ``maps["joint 1/8"]["mix"]``) is a
         (B, h, w) tensor at the module's feature resolution, covering the
         input (h = ceil(H / stride)). Map names: ``pointwise``, ``mix`` (joint
         "mix" form) and, when ``query=(row, col)`` in input pixels is given,
@@ -331,10 +348,13 @@ class DenseUNet(nn.Module):
         """
         captured: dict[str, Tensor] = {}
         hooks = []
+        # hooks fire for every forward of this instance: record only this call's
+        owner = threading.get_ident()
         for key, module in self.attention.items():
 
             def hook(_mod, args, key=key):
-                captured[key] = args[0]
+                if threading.get_ident() == owner:
+                    captured[key] = args[0]
 
             hooks.append(module.register_forward_pre_hook(hook))
         try:
@@ -345,17 +365,17 @@ class DenseUNet(nn.Module):
 
         h, w = x.shape[-2:]
         out: dict[str, dict[str, Tensor]] = {}
-        for (name, module), key in zip(self.attention_modules(), self.attention.keys()):
+        for (akey, module), key in zip(self.attention_keys(), self.attention.keys()):
             feats = captured[key]
-            s = self.stride(int(key.removeprefix("level")))
+            s = akey.stride
             fh, fw = math.ceil(h / s), math.ceil(w / s)
             maps = {k: v[:, :fh, :fw] for k, v in module.maps(feats).items()}
-            if query is not None and module.kind != "pointwise":
+            if query is not None and module.has_global_row:
                 qy = min(max(int(query[0]), 0), h - 1) // s
                 qx = min(max(int(query[1]), 0), w - 1) // s
                 row = module.attention_row(feats, qy * feats.shape[-1] + qx)
                 maps["row"] = row[:, :fh, :fw]
-            out[name] = maps
+            out[akey.name] = maps
         return logits, out
 
 

@@ -1,0 +1,67 @@
+"""A model's network on a device, for inference, without moving a shared instance.
+
+Segmentation and attention queries may run at the same time in different
+threads (a GUI worker and the main thread), on different devices. Moving one
+network between devices while another thread runs it breaks the other run, so
+neither ever moves (or switches the mode of) ``model.net``: each asks for the
+network on its device and gets ``model.net`` itself when it already lives
+there in eval mode, otherwise a copy on that device. Copies are cached per
+network and device and rebuilt when the weights change (training in place).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import weakref
+
+import torch
+from torch import nn
+
+_LOCK = threading.Lock()
+#: network -> {device: (weights fingerprint, copy on that device)}
+_COPIES: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple, nn.Module]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _device_key(device: torch.device) -> str:
+    """``cuda`` and ``cuda:0`` (the current device) are the same place."""
+    if device.type == "cuda" and device.index is None and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    if device.type in ("cpu", "meta"):
+        return device.type
+    return str(device)
+
+
+def _tensors(net: nn.Module) -> list[torch.Tensor]:
+    return [*net.parameters(), *net.buffers()]
+
+
+def _fingerprint(net: nn.Module) -> tuple:
+    """Changes when a weight is replaced, moved or updated in place."""
+    return tuple((t.data_ptr(), t._version) for t in _tensors(net))
+
+
+def _lives_on(net: nn.Module, device: torch.device) -> bool:
+    key = _device_key(device)
+    return all(_device_key(t.device) == key for t in _tensors(net))
+
+
+def inference_network(net: nn.Module, device: str | torch.device) -> nn.Module:
+    """``net`` on ``device`` in eval mode: ``net`` itself when it is there already, else a copy.
+
+    ``net`` is never moved and its mode never changed, so other threads using
+    it (on any device) are not disturbed.
+    """
+    device = torch.device(device)
+    if _lives_on(net, device) and not net.training:
+        return net
+    with _LOCK:
+        fingerprint = _fingerprint(net)
+        cached = _COPIES.get(net, {}).get(_device_key(device))
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        twin = copy.deepcopy(net).to(device).eval()
+        _COPIES.setdefault(net, {})[_device_key(device)] = (fingerprint, twin)
+        return twin
