@@ -195,6 +195,8 @@ def setup_case(case, d, model):
         return ["segment", str(img), str(d / "img.tiff"), "--model", str(model), "--out", str(d / "out")]
     if case == "no-input-argument":
         return ["segment", "--out", str(d / "out")]
+    if case == "evaluate-without-labels":
+        return ["evaluate", "--model", str(model), "--image", str(img)]
     if case == "evaluate-count-mismatch":
         tifffile.imwrite(d / "lab.tif", np.zeros((40, 48), np.uint8))
         return ev + ["--image", str(img)]
@@ -274,7 +276,7 @@ CASES = [
     "truncated-safetensors", "other-architecture", "metadata-missing", "metadata-malformed",
     "metadata-unknown-architecture", "metadata-bad-ranges", "pickle-renamed", "device-cuda-without-cuda",
     "device-unknown", "tile-too-small", "axis-out-of-range", "out-is-a-file", "same-output-stem",
-    "no-input-argument", "evaluate-count-mismatch", "train-no-annotation", "train-out-not-safetensors",
+    "no-input-argument", "evaluate-without-labels", "evaluate-count-mismatch", "train-no-annotation", "train-out-not-safetensors",
     "unknown-subcommand-option",
     "model-nan-weights", "model-inf-weights", "metadata-deeply-nested", "metadata-too-large",
     "model-is-directory", "model-is-fifo", "model-links-to-dev-zero", "image-is-fifo", "labels-is-fifo",
@@ -292,6 +294,8 @@ EXPECT = {
     "train-out-is-a-folder": "is a folder", "train-negative-seed": "seed", "train-axis-100": "axis 100",
     "train-infinite-learning-rate": "learning rate", "evaluate-axis-100": "axis 100",
     "evaluate-time-series": "time series",
+    "labels-other-shape": "shape", "device-cuda-without-cuda": "CUDA", "unknown-model": "no-such-model",
+    "evaluate-without-labels": "--labels",
 }
 
 
