@@ -12,6 +12,18 @@ pytest.importorskip("napari")
 FAST = {"steps_per_epoch": 4, "crop": 64, "batch_size": 4}
 
 
+def wait_workers(timeout=60.0):
+    """Let background work (warm-up, summaries, compare) end before the viewer closes."""
+    from qtpy.QtWidgets import QApplication
+
+    from napari_jointattn.widgets import _workers
+
+    end = time.perf_counter() + timeout
+    while _workers.running() and time.perf_counter() < end:
+        QApplication.processEvents()
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def docks(make_napari_viewer, model_dir):
     start = save_model(new_model("nuclei", seed=0), model_dir / "start.safetensors")
@@ -20,11 +32,29 @@ def docks(make_napari_viewer, model_dir):
     seg.set_model(str(start))
     _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune")
     ft.advanced = dict(FAST)
-    return viewer, seg, ft, start
+    yield viewer, seg, ft, start
+    wait_workers()
+
+
+@pytest.fixture
+def lone_ft(make_napari_viewer):
+    """A fresh viewer with only the Fine-tune dock open."""
+    viewer = make_napari_viewer()
+    _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune")
+    ft.advanced = dict(FAST)
+    yield viewer, ft
+    wait_workers()
 
 
 def wait_idle(qtbot, dock, timeout=120_000):
     qtbot.waitUntil(lambda: not dock.controller.running, timeout=timeout)
+
+
+def wait_summary(qtbot, ft, timeout=30_000):
+    """The debounced summary, computed in a worker thread, is shown; returns it."""
+    qtbot.waitUntil(lambda: not ft._summary_timer.isActive() and ft.summary_worker is None
+                    and ft.summary_label.text() != "", timeout=timeout)
+    return ft.last_summary
 
 
 def test_train_on_painted_labels(qtbot, docks, blobs, model_dir):
@@ -33,6 +63,7 @@ def test_train_on_painted_labels(qtbot, docks, blobs, model_dir):
     viewer.add_image(image, name="cells")
     viewer.add_labels(truth.astype(np.uint8), name="cells labels")  # the user's painting
     assert ft.pairs() == [("cells", "cells labels")]
+    wait_summary(qtbot, ft)
     assert "nucleus" in ft.summary_label.text()
     ft.seconds_spin.setValue(60)
     ft.epochs_spin.setValue(6)
@@ -53,8 +84,11 @@ def test_train_on_painted_labels(qtbot, docks, blobs, model_dir):
     assert not [p for p in model_dir.iterdir() if ".part" in p.name]
     # the line plot has a loss and a validation curve
     assert len(ft.axes.lines) == 2
-    layer = ft.compare()
-    assert layer.name == "cells changes" and layer.data.shape == image.shape
+    ft.compare()  # both models run in a worker thread
+    qtbot.waitUntil(lambda: "cells changes" in viewer.layers and ft.compare_worker is None, timeout=60_000)
+    layer = viewer.layers["cells changes"]
+    assert layer.data.shape == image.shape and set(np.unique(layer.data)) <= {0, 1, 2}
+    assert "pixels changed" in ft.status.text()
 
 
 def test_stop_keeps_best_so_far(qtbot, docks, blobs, model_dir):
@@ -82,11 +116,38 @@ def test_unannotated_slices_are_ignored(qtbot, docks, blobs):
     lab = np.zeros((4, *truth.shape), np.uint8)
     lab[1] = truth > 0
     viewer.add_labels(lab, name="stack labels")
-    summary = ft.refresh_summary()
+    summary = wait_summary(qtbot, ft)
     fg = int((truth > 0).sum())
     # slices 0, 2, 3 are unannotated: counting them as background would add 3 x 11520 pixels
     assert summary["planes"] == 1
     assert summary["pixels_per_class"] == {"background": truth.size - fg, "nucleus": fg}
+
+
+def test_summary_follows_edits_off_the_gui_thread(qtbot, docks, blobs, monkeypatch):
+    """Painting refreshes the summary (debounced); the counting runs in a worker thread."""
+    import threading
+
+    from napari_jointattn.controllers.finetune import FinetuneController
+
+    viewer, seg, ft, start = docks
+    image, truth = blobs
+    viewer.add_image(image, name="cells")
+    layer = viewer.add_labels(np.zeros(truth.shape, np.int32), name="cells labels")
+    assert wait_summary(qtbot, ft)["planes"] == 0
+    threads = []
+    real = FinetuneController.compute_summary
+    monkeypatch.setattr(FinetuneController, "compute_summary",
+                        staticmethod(lambda snap: threads.append(threading.current_thread()) or real(snap)))
+    # a burst of brush strokes: one summary computation, after the burst
+    for i in range(5):
+        layer.paint((20 + i, 20), 1)
+    assert ft._summary_timer.isActive()
+    summary = wait_summary(qtbot, ft)
+    assert summary["planes"] == 1 and summary["pixels_per_class"]["nucleus"] > 0
+    assert len(threads) == 1 and threads[0] is not threading.main_thread()
+    # a whole-data change (undo, a script) refreshes too
+    layer.data = np.zeros(truth.shape, np.int32)
+    qtbot.waitUntil(lambda: ft.last_summary is not None and ft.last_summary["planes"] == 0, timeout=30_000)
 
 
 def test_gui_responsive_and_painting_while_training(qtbot, docks, blobs):
@@ -95,19 +156,52 @@ def test_gui_responsive_and_painting_while_training(qtbot, docks, blobs):
     viewer, seg, ft, start = docks
     image, truth = blobs
     viewer.add_image(image, name="cells")
-    labels = viewer.add_labels(truth.astype(np.uint8), name="cells labels")
+    labels = viewer.add_labels(truth.astype(np.int32), name="cells labels")
     ft.epochs_spin.setValue(3)
     ticks = []
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start(20)
     ft.train_button.click()
-    labels.data_setitem((np.array([5]), np.array([5])), 3)  # the user keeps painting
+    # paint once training is really under way, with napari's brush
+    qtbot.waitUntil(lambda: any(h.get("loss") is not None for h in ft.controller.history), timeout=60_000)
+    assert ft.controller.running
+    t = time.perf_counter()
+    labels.paint((5, 5), 3)
+    painted_in = time.perf_counter() - t
     wait_idle(qtbot, ft)
     timer.stop()
-    assert labels.data[5, 5] == 3
+    assert painted_in < 0.5
+    assert labels.data[5, 5] == 3  # the edit survives the end of training
+    assert ft.controller.last_request.labels[0][5, 5] == truth[5, 5] == 0  # trained on the snapshot
     assert np.diff(ticks).max() < 1.0
     assert ft.controller.last_result is not None
+
+
+def test_progress_reports_steps_before_the_first_epoch_ends(qtbot, docks, blobs):
+    viewer, seg, ft, start = docks
+    image, truth = blobs
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(truth.astype(np.int32), name="cells labels")
+    ft.advanced = {**FAST, "steps_per_epoch": 60, "val_every": 1000}
+    ft.epochs_spin.setValue(1)
+    ft.seconds_spin.setValue(30)
+    shown = []  # (time, text) of each status change
+    ft.status.setText("")
+    from qtpy.QtCore import QTimer
+
+    timer = QTimer()
+    timer.timeout.connect(lambda: (not shown or shown[-1][1] != ft.status.text())
+                          and shown.append((time.perf_counter(), ft.status.text())))
+    timer.start(50)
+    ft.train_button.click()
+    wait_idle(qtbot, ft)
+    timer.stop()
+    step_lines = [text for _, text in shown if "step" in text and "loss" in text]
+    assert step_lines, [text for _, text in shown]
+    assert any("Epoch 1/1, step" in text for text in step_lines)
+    times = [t for t, text in shown if "step" in text or "Dice" in text]
+    assert max(np.diff(times)) < 10.0  # a report at least every few seconds (1 s by design)
 
 
 @pytest.mark.parametrize("case", ["no-labels", "other-shape", "single-class"])
@@ -115,19 +209,21 @@ def test_bad_input_notifies_and_keeps_layers(qtbot, docks, blobs, case):
     viewer, seg, ft, start = docks
     image, truth = blobs
     viewer.add_image(image, name="cells")
-    lab = {"no-labels": np.zeros(truth.shape, np.uint8),
-           "other-shape": np.ones((10, 10), np.uint8),
-           "single-class": np.zeros(truth.shape, np.uint8)}[case]
-    if case == "single-class":
-        lab[:] = 0
+    lab = {"no-labels": np.zeros(truth.shape, np.int32),  # nothing annotated
+           "other-shape": np.ones((10, 10), np.int32),
+           "single-class": np.ones(truth.shape, np.int32)}[case]  # everything one object: no background
     viewer.add_labels(lab, name="cells labels")
     if case == "other-shape":
+        wait_summary(qtbot, ft)
         assert "shape" in ft.summary_label.text()
+        assert "cells labels" not in ft.controller.labels_names("cells")  # not offered for pairing
     before = [(l.name, np.asarray(l.data).copy()) for l in viewer.layers]
     ft.train_button.click()
     wait_idle(qtbot, ft)
     assert ft.controller.last_result is None
-    assert ft.status.text()  # a clear message
+    expected = {"no-labels": "no annotated pixels", "other-shape": "shape",
+                "single-class": "only one class is annotated"}[case]
+    assert expected in ft.status.text()
     for name, data in before:
         np.testing.assert_array_equal(viewer.layers[name].data, data)
 
@@ -153,8 +249,32 @@ def test_rollback_to_an_earlier_version(qtbot, docks, blobs, model_dir):
     ft.versions_list.setCurrentRow(0)
     ft.use_selected()
     assert seg.model_combo.currentData() == str(older)
+    assert seg.controller.make_request(*_image(viewer, blobs)).model_key == str(older)
     out = ft.controller.export(older, str(model_dir.parent / "exported"))
     assert load_model(out).provenance["parent"] == "start"
+
+
+def _image(viewer, blobs):
+    if "cells" not in viewer.layers:
+        viewer.add_image(blobs[0], name="cells")
+    return ("cells",)
+
+
+def test_rollback_without_a_segment_dock(qtbot, lone_ft, blobs, model_dir):
+    """Rollback changes what the next Segment uses, even with no Segment dock open."""
+    viewer, ft = lone_ft
+    older = save_model(new_model("nuclei", seed=1, provenance={"parent": "nuclei"}),
+                       model_dir / "nuclei-ft-older.safetensors")
+    ft.refresh_versions()
+    ft.versions_list.setCurrentRow(0)
+    ft.use_selected()
+    assert "nuclei-ft-older" in ft.status.text()
+    # a Segment dock opened afterwards starts on it, and so does its next run
+    _, seg = viewer.window.add_plugin_dock_widget("napari-jointattn", "Segment")
+    assert seg.model_combo.currentData() == str(older)
+    assert seg.controller.make_request(*_image(viewer, blobs)).model_key == str(older)
+    # and the Fine-tune dock's default start model follows it
+    assert ft.controller.resolve_start(ft.start_combo.currentData()) == str(older)
 
 
 def test_no_improvement_is_shown_and_not_listed_as_a_version(qtbot, docks, blobs, model_dir):
@@ -195,27 +315,26 @@ def test_no_improvement_is_shown_and_not_listed_as_a_version(qtbot, docks, blobs
     assert not ft.compare_button.isEnabled()
 
 
-def test_fine_tune_dock_alone_trains_with_its_defaults(make_napari_viewer, qtbot, blobs, model_dir):
-    """No Segment dock: the start model falls back to the first preset; pairing by Add pair."""
-    viewer = make_napari_viewer()
-    _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune")
-    ft.advanced = dict(FAST)
+def test_fine_tune_dock_alone_trains_with_its_defaults(qtbot, lone_ft, blobs, model_dir):
+    """A fresh viewer, only the Fine-tune dock: add an image and a Labels layer of any name,
+    click Train with every default, get a model file (started from the first preset)."""
+    viewer, ft = lone_ft
     ft.epochs_spin.setValue(1)
     image, truth = blobs
     viewer.add_image(image, name="cells")
-    viewer.add_labels(np.zeros(truth.shape, np.int32), name="my painting")  # not named "<image> labels"
-    assert ft.pairs() == []
-    ft.train_button.click()
-    assert "Add pair" in ft.status.text() or "Add pair" in ft.summary_label.text()
-    viewer.layers["my painting"].data = truth.astype(np.int32)
-    ft.image_combo.setCurrentText("cells")
-    ft.labels_combo.setCurrentText("my painting")
-    ft.add_pair_button.click()
+    viewer.add_labels(np.zeros((10, 10), np.int32), name="other size")
+    wait_summary(qtbot, ft)
+    assert "Add pair" in ft.summary_label.text()  # says how to pair
+    viewer.add_labels(np.zeros(truth.shape, np.int32), name="my painting")  # a new, empty layer
+    assert ft.image_combo.currentText() == "cells"
+    assert [ft.labels_combo.itemText(i) for i in range(ft.labels_combo.count())] == ["my painting"]
+    viewer.layers["my painting"].data = truth.astype(np.int32)  # the user paints
+    assert ft.start_combo.currentData() == "current Segment model"
+    ft.train_button.click()  # no Add pair: the pair shown is used
     assert ft.pairs() == [("cells", "my painting")]
-    ft.train_button.click()
     wait_idle(qtbot, ft)
     result = ft.controller.last_result
     assert result is not None, ft.status.text()
     assert ft.controller.last_request.start == "nuclei"  # the first preset
-    assert result.improved and result.path.is_file() and result.path.parent == model_dir
+    assert result.path is not None and result.path.is_file() and result.path.parent == model_dir
     assert result.path.name.startswith("nuclei-ft-")

@@ -62,8 +62,19 @@ def start(
     worker.returned.connect(returned)
     worker.errored.connect(on_error)
     worker.finished.connect(on_finished)
+    # a worker lives until it ends, even when the dock that started it is closed
+    _LIVE.add(worker)
+    worker.finished.connect(lambda: _LIVE.discard(worker))
     worker.start()
     return worker
+
+
+_LIVE: set = set()
+
+
+def running() -> int:
+    """How many workers started here have not finished."""
+    return len(_LIVE)
 
 
 class WorkerDockMixin:

@@ -1,21 +1,17 @@
 """The Fine-tune dock: train on corrected labels without leaving napari.
 
-:class:`FinetuneController` (no Qt) pairs layers, summarises annotations,
-snapshots the data, runs the engine's ``train`` and lists model versions;
-:class:`FinetuneDock` is the Qt front with a live loss / validation-Dice plot.
-Training runs in a napari thread worker on a copy of the layers' data, so
-the user can keep painting while it runs.
+A thin Qt front on :class:`~napari_jointattn.controllers.finetune.FinetuneController`
+with a live loss / validation-Dice plot. Training, the annotation summary
+(refreshed shortly after the labels are edited) and Compare run in worker
+threads on copies of the layers' data, so the user can keep painting.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import shutil
-import threading
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
 
-import numpy as np
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -32,228 +28,26 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..controllers.finetune import (
+    CORRECTION_EXTRA,
+    CURRENT,
+    FinetuneController,
+    TrainRequest,
+)
+from ..controllers.segment import PREDICTION_KEY
 from ..engine.errors import BadInputError
-from ..engine.files import write_atomic
-from ..engine.models import MODEL_SUFFIX, PRESET_DIR, load_model, model_dir, read_metadata, saved_models
-from ..engine.presets import PRESETS
+from ..engine.versions import describe_version
 from . import _workers
-from .layers import layer_input
-from .segment import DEVICES, SegmentDock
+from .segment import DEVICES
 
-PREDICTION_KEY = "jointattn_prediction"
-CURRENT = "current Segment model"
+__all__ = ["CURRENT", "PREDICTION_KEY", "FinetuneController", "FinetuneDock"]  # scripts import these here
 
-
-def _underlying(viewer):
-    return getattr(viewer, "__wrapped__", viewer)
-
-
-def segment_dock_for(viewer) -> SegmentDock | None:
-    """The Segment dock open in the same viewer, if any."""
-    target = _underlying(viewer)
-    for dock in list(SegmentDock.instances):
-        if _underlying(dock.viewer) is target:
-            return dock
-    return None
-
-
-@dataclass
-class TrainRequest:
-    pairs: list[tuple[str, str]]
-    images: list[np.ndarray]
-    labels: list[np.ndarray]
-    weights: list[np.ndarray | None] | None
-    channel_axes: list[int | None]
-    start: str
-    settings: dict
-    out: Path
-    layer_ids: list = field(default_factory=list)
-
-
-class FinetuneController:
-    """State and logic of the Fine-tune dock; usable without Qt widgets."""
-
-    def __init__(self, viewer) -> None:
-        self.viewer = viewer
-        self.running = False
-        self.stop_event = threading.Event()
-        self.history: list[dict] = []
-        self.last_result = None
-        self.last_request: TrainRequest | None = None
-
-    # layers -------------------------------------------------------------
-    def candidate_pairs(self) -> list[tuple[str, str]]:
-        """(image, labels) pairs: every Labels layer named ``<image> labels`` with its image."""
-        from napari.layers import Image, Labels
-
-        layers = self.viewer.layers
-        out = []
-        for layer in layers:
-            if isinstance(layer, Labels):
-                base = layer.name.removesuffix(" labels")
-                if base != layer.name and base in layers and isinstance(layers[base], Image):
-                    out.append((base, layer.name))
-        return out
-
-    def image_names(self) -> list[str]:
-        from napari.layers import Image
-
-        return [l.name for l in self.viewer.layers if isinstance(l, Image) and not l.name.startswith("attention")]
-
-    def labels_names(self) -> list[str]:
-        from napari.layers import Labels
-
-        return [l.name for l in self.viewer.layers if isinstance(l, Labels)]
-
-    def start_choices(self) -> list[tuple[str, str]]:
-        out = [(CURRENT, CURRENT)]
-        for name in PRESETS:
-            if (PRESET_DIR / f"{name}{MODEL_SUFFIX}").is_file():
-                out.append((f"{name} (preset)", name))
-        for path in saved_models():
-            out.append((path.stem, str(path)))
-        return out
-
-    def resolve_start(self, key: str) -> str:
-        """A start-model key: "current Segment model" is the Segment dock's model when one is
-        open, else the first preset with bundled weights."""
-        if key == CURRENT:
-            dock = segment_dock_for(self.viewer)
-            current = dock.model_combo.currentData() if dock is not None else None
-            if current:
-                return current
-            presets = [k for label, k in self.start_choices() if label.endswith("(preset)")]
-            if not presets:
-                raise BadInputError("no Segment dock is open and no preset is installed: choose a start model")
-            return presets[0]
-        return key
-
-    # data -----------------------------------------------------------------
-    def _pair_data(self, image_name: str, labels_name_: str, channel_axis: int | None):
-        layers = self.viewer.layers
-        for name in (image_name, labels_name_):
-            if name not in layers:
-                raise BadInputError(f"layer {name!r} no longer exists")
-        inp = layer_input(layers[image_name], channel_axis)
-        lab = np.asarray(layers[labels_name_].data)
-        if lab.shape != inp.spatial_shape:
-            raise BadInputError(
-                f"labels {labels_name_!r} have shape {lab.shape}, image {image_name!r} {inp.spatial_shape}"
-            )
-        return inp, lab
-
-    def summary(self, pairs: list[tuple[str, str]], start: str) -> dict:
-        from ..engine.training import annotation_summary
-
-        model = load_model(self.resolve_start(start))
-        labels, dims = [], []
-        for image_name, lab_name in pairs:
-            inp, lab = self._pair_data(image_name, lab_name, None)
-            labels.append(lab)
-            dims.append(len(inp.spatial_shape))
-        if not labels:
-            return {"images": 0, "planes": 0, "pixels_per_class": {}, "warnings": [
-                "no image/labels pair: choose an image and a Labels layer and click Add pair "
-                "(a Labels layer named '<image> labels' pairs by itself)"]}
-        return annotation_summary(labels, model.num_classes, model.classes, dims)
-
-    def make_request(self, pairs, start: str, settings: dict, weight_corrections: float = 0.0,
-                     channel_axes=None) -> TrainRequest:
-        if not pairs:
-            raise BadInputError("no image/labels pair to train on: choose an image and a Labels layer "
-                                "and click Add pair")
-        start_key = self.resolve_start(start)
-        images, labels, weights, axes, ids = [], [], [], [], []
-        for i, (image_name, lab_name) in enumerate(pairs):
-            ch = channel_axes[i] if channel_axes else None
-            inp, lab = self._pair_data(image_name, lab_name, ch)
-            images.append(inp.data)  # image data are not edited while training
-            labels.append(lab.copy())  # labels are: train on a snapshot
-            axes.append(inp.channel_axis)
-            ids.append(self.viewer.layers[image_name].unique_id)
-            pred = self.viewer.layers[lab_name].metadata.get(PREDICTION_KEY)
-            if weight_corrections > 0 and pred is not None and np.shape(pred) == lab.shape:
-                w = np.ones(lab.shape, np.float32)
-                w[(np.asarray(pred) > 0) != (lab > 0)] = 1.0 + weight_corrections
-                weights.append(w)
-            else:
-                weights.append(None)
-        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        parent = Path(start_key).stem if Path(start_key).suffix else start_key
-        folder = model_dir()
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BadInputError(f"cannot create the model folder {folder}: {exc.strerror or exc}") from exc
-        out = folder / f"{parent.split('-ft-')[0]}-ft-{stamp}{MODEL_SUFFIX}"
-        return TrainRequest(list(pairs), images, labels, weights if any(w is not None for w in weights) else None,
-                            axes, start_key, dict(settings), out, ids)
-
-    def run(self, request: TrainRequest, progress=None):
-        """Engine call (worker thread): the TrainResult, best weights saved to ``request.out``."""
-        from ..engine.training import train
-
-        self.stop_event.clear()
-        self.history = []
-
-        def callback(info):
-            if progress is not None:
-                progress(info)
-            return not self.stop_event.is_set()
-
-        ch = request.channel_axes[0] if len(set(request.channel_axes)) == 1 else None
-        return train(
-            request.start, request.images, request.labels, weights=request.weights, channel_axis=ch,
-            out=request.out, name=request.out.stem, callback=callback, save_unchanged=False,
-            provenance={"layers": [{"image": i, "labels": l} for i, l in request.pairs],
-                        "correction_weighting": request.weights is not None},
-            **request.settings,
-        )
-
-    # versions --------------------------------------------------------------
-    def versions(self) -> list[tuple[Path, dict]]:
-        """Fine-tuned models in the model folder, newest first."""
-        out = []
-        for path in saved_models():
-            try:
-                meta = read_metadata(path)
-            except BadInputError:
-                continue
-            training = meta["provenance"].get("training")
-            unchanged = isinstance(training, dict) and training.get("improved") is False
-            if "parent" in meta["provenance"] and not unchanged:  # the start model again is no version
-                out.append((path, meta))
-        return sorted(out, key=lambda pm: pm[1]["provenance"].get("saved", ""), reverse=True)
-
-    def export(self, path: Path, target: str) -> Path:
-        if not target.endswith(MODEL_SUFFIX):
-            target += MODEL_SUFFIX
-        read_metadata(path)  # refuse to export a broken file
-        return write_atomic(target, lambda tmp: shutil.copyfile(path, tmp))
-
-    def compare(self, image_name: str, before_key: str, after_key: str):
-        """Segment with both models; (before, after, difference) label arrays.
-
-        difference: 0 unchanged, 1 foreground only after fine-tuning, 2 only before.
-        """
-        from ..engine.inference import segment
-
-        dock = segment_dock_for(self.viewer)
-        inp = layer_input(self.viewer.layers[image_name])
-        slices = None
-        if len(inp.spatial_shape) == 3:
-            from .layers import current_index
-
-            slices = [current_index(self.viewer, self.viewer.layers[image_name])]
-        tile = dock.tile_spin.value() if dock is not None else 512
-        before = segment(inp.data, load_model(before_key), tile=tile, slices=slices,
-                         channel_axis=inp.channel_axis).labels
-        after = segment(inp.data, load_model(after_key), tile=tile, slices=slices,
-                        channel_axis=inp.channel_axis).labels
-        diff = np.zeros(before.shape, np.uint8)
-        diff[(after > 0) & (before == 0)] = 1
-        diff[(after == 0) & (before > 0)] = 2
-        return before, after, diff, inp
+#: the summary is recomputed this long after the last edit of a paired labels layer
+SUMMARY_DEBOUNCE_MS = 400
+#: the status line reports training steps at most this often
+PROGRESS_EVERY_S = 1.0
+PAIR_HINT = ("Pick an image and a Labels layer of its size, then Add pair. "
+             "A Labels layer named '<image> labels' pairs by itself.")
 
 
 class FinetuneDock(_workers.WorkerDockMixin, QWidget):
@@ -266,7 +60,17 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         #: further engine settings (steps_per_epoch, crop, batch_size, ...) for scripts and tests
         self.advanced: dict = {}
         self.worker = None
+        self.summary_worker = None
+        self.compare_worker = None
+        self.last_summary: dict | None = None
         self._progress = None
+        self._last_report = 0.0
+        self._summary_timer = QTimer(self)
+        self._summary_timer.setSingleShot(True)
+        self._summary_timer.setInterval(SUMMARY_DEBOUNCE_MS)
+        self._summary_timer.timeout.connect(self.refresh_summary)
+        self._summary_again = False
+        self._watched: set = set()
         self._bridge = _workers.ProgressBridge()
         self._bridge.progress.connect(self._on_progress)
 
@@ -276,6 +80,8 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self.pairs_list.setMaximumHeight(70)
         self.add_pair_button = QPushButton("Add pair")
         self.remove_pair_button = QPushButton("Remove")
+        self.pair_hint = QLabel(PAIR_HINT)
+        self.pair_hint.setWordWrap(True)
         self.summary_label = QLabel("")
         self.summary_label.setWordWrap(True)
         self.start_combo = QComboBox()
@@ -317,6 +123,7 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         pair_row.addWidget(self.add_pair_button)
         pair_row.addWidget(self.remove_pair_button)
         form.addRow("", pair_row)
+        form.addRow("", self.pair_hint)
         form.addRow("Pairs", self.pairs_list)
         form.addRow("Start model", self.start_combo)
         form.addRow("Time budget", self.seconds_spin)
@@ -346,7 +153,9 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self.compare_button.clicked.connect(self.compare)
         self.use_button.clicked.connect(self.use_selected)
         self.export_button.clicked.connect(self._export)
-        self.start_combo.currentIndexChanged.connect(self.refresh_summary)
+        self.start_combo.currentIndexChanged.connect(self.schedule_summary)
+        self.image_combo.currentTextChanged.connect(self._refresh_labels_choices)
+        self.controller.session.model_changed.connect(self._session_model_changed)
         events = self.viewer.layers.events
         for ev in (events.inserted, events.removed):
             ev.connect(self.refresh_layers)
@@ -388,13 +197,15 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
 
     # choices ----------------------------------------------------------------
     def refresh_layers(self, event=None) -> None:
-        for combo, names in ((self.image_combo, self.controller.image_names()),
-                             (self.labels_combo, self.controller.labels_names())):
-            current = combo.currentText()
-            combo.clear()
-            combo.addItems(names)
-            if current in names:
-                combo.setCurrentText(current)
+        current = self.image_combo.currentText()
+        names = self.controller.image_names()
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        self.image_combo.addItems(names)
+        if current in names:
+            self.image_combo.setCurrentText(current)
+        self.image_combo.blockSignals(False)
+        self._refresh_labels_choices()
         existing = set(self.pairs())
         for pair in self.controller.candidate_pairs():
             if pair not in existing:
@@ -404,8 +215,37 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
             image, lab = self.pairs_list.item(i).data(256)
             if image not in layers or lab not in layers:
                 self.pairs_list.takeItem(i)
+        self._watch_labels()
         self.refresh_start()
-        self.refresh_summary()
+        self.schedule_summary()
+
+    def _refresh_labels_choices(self, *_) -> None:
+        """The Labels layers of the chosen image's size (any name)."""
+        current = self.labels_combo.currentText()
+        image = self.image_combo.currentText() or None
+        names = self.controller.labels_names(image)
+        self.labels_combo.clear()
+        self.labels_combo.addItems(names)
+        if current in names:
+            self.labels_combo.setCurrentText(current)
+        elif image and f"{image} labels" in names:
+            self.labels_combo.setCurrentText(f"{image} labels")
+
+    def _watch_labels(self) -> None:
+        """Refresh the summary when a Labels layer's data are edited (painting, fill, erase, undo)."""
+        from napari.layers import Labels
+
+        for layer in self.viewer.layers:
+            if isinstance(layer, Labels) and id(layer) not in self._watched:
+                self._watched.add(id(layer))
+                for name in ("data", "paint", "labels_update"):
+                    getattr(layer.events, name).connect(self._labels_edited)
+
+    def _labels_edited(self, event=None) -> None:
+        source = getattr(event, "source", None)
+        names = {lab for _, lab in self.pairs()}
+        if source is None or getattr(source, "name", None) in names:
+            self.schedule_summary()
 
     def refresh_start(self) -> None:
         current = self.start_combo.currentData()
@@ -417,6 +257,11 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self.start_combo.setCurrentIndex(max(i, 0))
         self.start_combo.blockSignals(False)
 
+    def _session_model_changed(self, key: str) -> None:
+        self.refresh_start()
+        if (self.start_combo.currentData() or CURRENT) == CURRENT:
+            self.schedule_summary()
+
     def pairs(self) -> list[tuple[str, str]]:
         return [tuple(self.pairs_list.item(i).data(256)) for i in range(self.pairs_list.count())]
 
@@ -425,38 +270,61 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         item.setData(256, list(pair))
         self.pairs_list.addItem(item)
 
-    def _add_pair(self) -> None:
+    def _chosen_pair(self) -> tuple[str, str] | None:
         pair = (self.image_combo.currentText(), self.labels_combo.currentText())
-        if all(pair) and pair not in self.pairs():
+        return pair if all(pair) and pair[1] in self.controller.labels_names(pair[0]) else None
+
+    def _add_pair(self) -> None:
+        pair = self._chosen_pair()
+        if pair is None:
+            self._notify_error("choose an image and a Labels layer of its size to pair")
+            return
+        if pair not in self.pairs():
             self._append_pair(pair)
-            self.refresh_summary()
+            self.schedule_summary()
 
     def _remove_pair(self) -> None:
         for item in self.pairs_list.selectedItems():
             self.pairs_list.takeItem(self.pairs_list.row(item))
-        self.refresh_summary()
+        self.schedule_summary()
 
-    def refresh_summary(self, *_) -> dict | None:
-        try:
-            s = self.controller.summary(self.pairs(), self.start_combo.currentData() or CURRENT)
-        except BadInputError as exc:
-            self.summary_label.setText(f"⚠ {exc}")
-            return None
+    # summary (worker thread) ------------------------------------------------------
+    def schedule_summary(self, *_) -> None:
+        """Recompute the annotation summary soon (edits in a burst cost one computation)."""
+        self._summary_timer.start()
+
+    def refresh_summary(self, *_) -> None:
+        """Snapshot the pairs and count their annotations in a worker thread."""
+        if self.summary_worker is not None:  # one at a time; run again when it ends
+            self._summary_again = True
+            return
+        snap = self.controller.summary_input(self.pairs(), self.start_combo.currentData() or CURRENT)
+
+        def finished():
+            self.summary_worker = None
+            if self._summary_again:
+                self._summary_again = False
+                self.refresh_summary()
+
+        self.summary_worker = _workers.start(lambda: self.controller.compute_summary(snap),
+                                             self._show_summary, self._summary_error, finished)
+
+    def _summary_error(self, exc: BaseException) -> None:
+        self.last_summary = None
+        self.summary_label.setText(f"⚠ {exc}")
+
+    def _show_summary(self, s: dict) -> None:
+        self.last_summary = s
         per_class = ", ".join(f"{k}: {v:,}" for k, v in s["pixels_per_class"].items())
         text = f"Annotated: {s['images']} image(s), {s['planes']} image(s)/slice(s); pixels: {per_class}"
         if s["warnings"]:
             text += "\n⚠ " + "\n⚠ ".join(s["warnings"])
         self.summary_label.setText(text)
-        return s
 
     def refresh_versions(self) -> None:
         self.versions_list.clear()
         for path, meta in self.controller.versions():
-            score = meta["scores"].get("val_dice")
-            saved = meta["provenance"].get("saved", "")[:19].replace("T", " ")
-            shown = f"{score:.3f}" if isinstance(score, (int, float)) else "n/a"
-            text = f"{path.stem}  (from {meta['provenance']['parent']}, val Dice {shown}, {saved})"
-            item = QListWidgetItem(text)
+            item = QListWidgetItem(describe_version(path, meta))
             item.setData(256, str(path))
             self.versions_list.addItem(item)
 
@@ -477,13 +345,17 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
     def train(self) -> None:
         if self.controller.running:
             return
-        summary = self.refresh_summary()
+        pairs = self.pairs()
+        if not pairs and self._chosen_pair() is not None:
+            self._add_pair()  # the pair shown in Image / Labels, as if Add pair had been clicked
+            pairs = self.pairs()
         try:
-            if summary is not None and summary["warnings"] and summary["planes"] == 0:
-                raise BadInputError(summary["warnings"][0])
+            s = self.last_summary
+            if s is not None and s["planes"] == 0 and s["warnings"] and not self._summary_timer.isActive():
+                raise BadInputError(s["warnings"][0])
             request = self.controller.make_request(
-                self.pairs(), self.start_combo.currentData() or CURRENT, self.settings(),
-                weight_corrections=4.0 if self.weight_check.isChecked() else 0.0,
+                pairs, self.start_combo.currentData() or CURRENT, self.settings(),
+                weight_corrections=CORRECTION_EXTRA if self.weight_check.isChecked() else 0.0,
             )
         except BadInputError as exc:
             self._notify_error(str(exc))
@@ -491,10 +363,11 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self.controller.running = True
         self.train_button.setText("Stop")
         self.compare_button.setEnabled(False)
-        self.status.setText(f"Training from {Path(request.start).stem}…")
+        self.status.setText(f"Training from {Path(request.start).stem}: preparing…")
         from napari.utils import progress
 
         self._progress = progress(total=0, desc="Fine-tune")
+        self._last_report = 0.0
         self.controller.history = []
         self._redraw()
         self.worker = _workers.start(
@@ -516,22 +389,24 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
             where = ("Start model" if info["epoch"] == 0
                      else f"Epoch {info['epoch']}, step {info['step']}/{info['steps']}")
             self.status.setText(f"{where}: validation Dice {info['val_dice']:.3f} (best {info['best_dice']:.3f})")
+            self._last_report = time.monotonic()
             self._redraw()
-        elif info["step"] % 5 == 0:
+            return
+        now = time.monotonic()
+        if now - self._last_report >= PROGRESS_EVERY_S:
+            self._last_report = now
+            best = info.get("best_dice")
+            self.status.setText(
+                f"Epoch {info['epoch']}/{info.get('epochs', '?')}, step {info['step']}/{info['steps']}: "
+                f"loss {info['loss']:.3f}, {info['seconds']:.0f} s"
+                + (f" (best validation Dice {best:.3f})" if isinstance(best, float) else ""))
             self._redraw()
 
     def _done(self, request: TrainRequest, result) -> None:
         from napari.utils.notifications import show_info, show_warning
 
-        self.controller.last_result = result
-        self.controller.last_request = request
-        for (image_name, _), uid in zip(request.pairs, request.layer_ids):
-            if image_name not in self.viewer.layers or self.viewer.layers[image_name].unique_id != uid:
-                show_warning(f"layer {image_name!r} was removed during training; "
-                             "the model was trained on the data as it was when Train was clicked")
-        for warning in result.warnings:
-            if not warning.startswith("no improvement"):
-                show_warning(warning)
+        for note in self.controller.finished(request, result):
+            show_warning(note)
         if not result.improved:
             # nothing was saved: the start model stays current, no new version is listed
             self.status.setText(
@@ -541,13 +416,10 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
             show_warning("Fine-tune: no improvement over the start model; nothing was saved")
             self._redraw()
             return
-        dock = segment_dock_for(self.viewer)
-        if dock is not None:
-            dock.set_model(str(result.path))
         self.status.setText(
             f"Saved {result.path.name}: best validation Dice {result.best_dice:.3f} (start model "
             f"{result.start_dice:.3f}; epoch {result.best_epoch}), stopped by {result.stopped}, "
-            f"{result.seconds:.0f} s on {result.device}."
+            f"{result.seconds:.0f} s on {result.device}. The Segment dock now uses it."
         )
         show_info(f"Fine-tuned model saved: {result.path}")
         self.compare_button.setEnabled(True)
@@ -567,41 +439,49 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
 
     # after training ----------------------------------------------------------
     def compare(self) -> None:
+        """Segment the first pair's image with the start and the new model (worker thread);
+        a ``<image> changes`` layer shows the difference."""
         request, result = self.controller.last_request, self.controller.last_result
-        if request is None or result is None:
-            return
-        image_name = request.pairs[0][0]
-        if image_name not in self.viewer.layers:
-            self._notify_error(f"layer {image_name!r} no longer exists")
+        if request is None or result is None or result.path is None or self.compare_worker is not None:
             return
         try:
-            _, _, diff, inp = self.controller.compare(image_name, request.start, str(result.path))
+            req = self.controller.compare_request(request.pairs[0][0], request.start, str(result.path))
         except BadInputError as exc:
             self._notify_error(str(exc))
             return
-        name = f"{image_name} changes"
+        self.compare_button.setEnabled(False)
+        self.status.setText("Comparing before/after…")
+
+        def finished():
+            self.compare_worker = None
+            self.compare_button.setEnabled(True)
+
+        self.compare_worker = _workers.start(lambda: self.controller.compare(req),
+                                             lambda diff: self._show_changes(req, diff),
+                                             self._error, finished)
+
+    def _show_changes(self, req, diff):
+        name = f"{req.image_name} changes"
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
-        layer = self.viewer.add_labels(diff, name=name, scale=inp.scale, translate=inp.translate)
+        layer = self.viewer.add_labels(diff, name=name, scale=req.scale, translate=req.translate)
         changed = int((diff > 0).sum())
         self.status.setText(f"Before/after: {changed:,} pixels changed "
                             "(label 1: found only after fine-tuning, 2: only before).")
         return layer
 
     def use_selected(self) -> None:
-        """Roll back (or forward) to the selected version: it becomes the Segment dock's model."""
+        """Roll back (or forward) to the selected version: the next Segment uses it."""
         items = self.versions_list.selectedItems()
         if not items:
             return
-        path = items[0].data(256)
-        if not Path(path).is_file():
-            self._notify_error(f"{path} no longer exists")
+        try:
+            path = self.controller.use_version(items[0].data(256))
+        except BadInputError as exc:
+            self._notify_error(str(exc))
             self.refresh_versions()
             return
-        dock = segment_dock_for(self.viewer)
-        if dock is not None:
-            dock.set_model(path)
-        self.status.setText(f"Current model: {Path(path).stem}")
+        self.status.setText(f"Current model: {Path(path).stem} (the next Segment uses it)")
 
     def _export(self) -> None:
         items = self.versions_list.selectedItems()

@@ -1,18 +1,18 @@
 """The Segment dock: pick an image, a model and a device; click Segment.
 
-:class:`SegmentController` holds the workflow state and does the layer work
-(no Qt); :class:`SegmentDock` is the thin Qt front. Engine calls run in a
-napari thread worker, so the viewer stays responsive.
+A thin Qt front on :class:`~napari_jointattn.controllers.segment.SegmentController`.
+The model is loaded and run once in a worker thread as soon as the dock opens
+or the model changes, so the first click does not pay for it; segmentation
+and building the result layers run in a worker too, and the layers are added
+one per event-loop turn, so the viewer never freezes.
 """
 
 from __future__ import annotations
 
-import threading
-import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -26,216 +26,30 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..engine.errors import BadInputError, Cancelled
-from ..engine.models import PRESET_DIR, MODEL_SUFFIX, load_model, saved_models
-from ..engine.presets import PRESETS
+from ..controllers.layers import attention_layers
+from ..controllers.segment import Request, SegmentController
+from ..controllers.session import DEFAULT_TILE
+from ..engine.errors import BadInputError
 from . import _workers
-from .layers import LayerInput, current_index, labels_name, layer_input, show_attention, write_labels
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
-
-
-@dataclass
-class Request:
-    """A snapshot of what to segment, taken on the GUI thread when Segment is clicked."""
-
-    layer_name: str
-    model_key: str
-    device: str
-    tile: int
-    attention: bool
-    input: LayerInput
-    slices: list[int] | None = None
-    layer_id: object = None
-    extra: dict = field(default_factory=dict)
-
-
-class SegmentController:
-    """State and logic of the Segment dock; usable without Qt widgets."""
-
-    def __init__(self, viewer) -> None:
-        self.viewer = viewer
-        self.extra_models: list[str] = []
-        self.current_model: str | None = None
-        self.running = False
-        self.cancel_event = threading.Event()
-        self.last_result = None
-        self.last_request: Request | None = None
-        self.device_used: str | None = None
-        self._cache: dict[str, tuple[float, object]] = {}
-
-    # models -----------------------------------------------------------
-    def model_choices(self) -> list[tuple[str, str]]:
-        """(label, key) for presets with weights, saved models, and browsed files."""
-        out = []
-        for name in PRESETS:
-            if (PRESET_DIR / f"{name}{MODEL_SUFFIX}").is_file():
-                out.append((f"{name} (preset)", name))
-        for path in saved_models():
-            out.append((path.stem, str(path)))
-        for path in self.extra_models:
-            if path not in [k for _, k in out]:
-                out.append((Path(path).name, path))
-        return out
-
-    def add_model_file(self, path: str) -> str:
-        load_model(path)  # validates; raises BadInputError
-        if path not in self.extra_models:
-            self.extra_models.append(path)
-        self.current_model = path
-        return path
-
-    def model(self, key: str):
-        """Load (and cache by modification time) a model by preset name or path."""
-        path = Path(key)
-        stamp = path.stat().st_mtime if path.is_file() else 0.0
-        cached = self._cache.get(key)
-        if cached is None or cached[0] != stamp:
-            self._cache[key] = (stamp, load_model(key))
-        return self._cache[key][1]
-
-    # requests -----------------------------------------------------------
-    def image_layers(self) -> list:
-        from napari.layers import Image
-
-        return [layer for layer in self.viewer.layers if isinstance(layer, Image)
-                and not layer.name.startswith("attention ")]
-
-    def make_request(
-        self,
-        layer_name: str,
-        model_key: str,
-        device: str = "auto",
-        tile: int = 512,
-        whole_stack: bool = False,
-        attention: bool = False,
-        channel_axis: int | None = None,
-    ) -> Request:
-        if not layer_name or layer_name not in self.viewer.layers:
-            raise BadInputError("choose an image layer to segment")
-        if not model_key:
-            raise BadInputError("choose a model (no presets or saved models found)")
-        layer = self.viewer.layers[layer_name]
-        inp = layer_input(layer, channel_axis)
-        slices = None
-        if len(inp.spatial_shape) == 3 and not whole_stack:
-            slices = [current_index(self.viewer, layer, 0 if channel_axis != 0 else 1)]
-        elif len(inp.spatial_shape) > 3:
-            raise BadInputError(
-                f"layer {layer_name!r} has {len(inp.spatial_shape)} spatial dimensions; "
-                "segment 2-D images or 3-D stacks"
-            )
-        return Request(layer_name, model_key, device, int(tile), attention, inp, slices, layer.unique_id)
-
-    def run(self, request: Request, progress=None):
-        """Engine call (worker thread); None when cancelled.
-
-        ``progress(info)`` gets the engine's progress dicts.
-        """
-        from ..engine.inference import segment
-
-        self.cancel_event.clear()
-
-        def callback(info):
-            if progress is not None:
-                progress(info)
-            return not self.cancel_event.is_set()
-
-        model = self.model(request.model_key)
-        try:
-            return segment(
-                request.input.data,
-                model,
-                device=request.device,
-                tile=request.tile,
-                channel_axis=request.input.channel_axis,
-                slices=request.slices,
-                attention=request.attention,
-                callback=callback,
-            )
-        except Cancelled:
-            return None
-
-    def query(self, layer_name: str, model_key: str, world_position, tile: int = 512,
-              channel_axis: int | None = None):
-        """Where the clicked pixel's global attention looks: (QueryResult, LayerInput).
-
-        Runs on the GUI thread: the first click in a tile costs one forward
-        pass of that tile, later clicks in it a single attention row.
-        """
-        from ..engine.query import AttentionQuery
-
-        if layer_name not in self.viewer.layers:
-            raise BadInputError("choose an image layer first")
-        layer = self.viewer.layers[layer_name]
-        inp = layer_input(layer, channel_axis)
-        if len(inp.spatial_shape) not in (2, 3):
-            raise BadInputError("query mode works on 2-D images and 3-D stacks")
-        key = (layer.unique_id, model_key, int(tile), inp.channel_axis)
-        if getattr(self, "_query_key", None) != key:
-            self._query = AttentionQuery(self.model(model_key), inp.data, tile=tile,
-                                         channel_axis=inp.channel_axis)
-            self._query_key = key
-        coords = np.asarray(layer.world_to_data(world_position))
-        if inp.channel_axis is not None and not getattr(layer, "rgb", False):
-            coords = np.delete(coords, inp.channel_axis)
-        coords = coords[-len(inp.spatial_shape):]
-        z = int(round(coords[0])) if len(inp.spatial_shape) == 3 else None
-        point = (int(np.floor(coords[-2] + 0.5)), int(np.floor(coords[-1] + 0.5)))
-        return self._query.query(point, z), inp
-
-    def show_query(self, result, inp: LayerInput):
-        """Put a query heatmap into the ``attention query`` layer over its tile."""
-        scale = inp.scale[-2:]
-        translate = tuple(t + o * sc for t, o, sc in zip(inp.translate[-2:], result.origin, scale))
-        name = "attention query"
-        heat = result.heatmap / max(float(result.heatmap.max()), 1e-12)
-        if name in self.viewer.layers:
-            layer = self.viewer.layers[name]
-            layer.data = heat
-            layer.translate = translate
-            layer.scale = scale
-        else:
-            layer = self.viewer.add_image(heat, name=name, colormap="magma", blending="additive",
-                                          opacity=0.8, contrast_limits=(0.0, 1.0), scale=scale,
-                                          translate=translate)
-        layer.metadata.update({"module": result.module, "origin": result.origin,
-                               "slice": result.slice_index})
-        return layer
-
-    def apply(self, request: Request, result) -> list:
-        """Put a result into layers (GUI thread). Returns the layers touched."""
-        layers = self.viewer.layers
-        if request.layer_name not in layers or layers[request.layer_name].unique_id != request.layer_id:
-            raise BadInputError(
-                f"the input layer {request.layer_name!r} was removed while segmenting; result discarded"
-            )
-        self.device_used = result.device
-        self.last_result = result
-        self.last_request = request
-        layer = write_labels(self.viewer, labels_name(request.layer_name), result.labels,
-                             request.input, request.slices)
-        # what the model said, so the Fine-tune dock can find the user's corrections
-        layer.metadata["jointattn_prediction"] = result.labels
-        out = [layer]
-        if request.attention:
-            out += show_attention(self.viewer, request.layer_name, result.attention, request.input)
-        return out
+#: pause between adding result layers, so the canvas draws (and uploads) one layer at a time
+STEP_DELAY_MS = 15
 
 
 class SegmentDock(_workers.WorkerDockMixin, QWidget):
     """napari dock widget titled "Segment"."""
 
-    #: live docks, so the Fine-tune dock can hand over a new model
-    instances: "weakref.WeakSet[SegmentDock]" = weakref.WeakSet()
-
     def __init__(self, napari_viewer) -> None:
         super().__init__()
-        SegmentDock.instances.add(self)
         self.viewer = napari_viewer
         self.controller = SegmentController(napari_viewer)
+        self.session = self.controller.session
         self.worker = None
+        self.warm_worker = None
         self._progress = None
+        self._steps: list = []
+        self._worker_running = False
         self._bridge = _workers.ProgressBridge()
         self._bridge.progress.connect(self._on_progress)
 
@@ -247,7 +61,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.tile_spin = QSpinBox()
         self.tile_spin.setRange(64, 4096)
         self.tile_spin.setSingleStep(64)
-        self.tile_spin.setValue(512)
+        self.tile_spin.setValue(self.session.tile or DEFAULT_TILE)
         self.channel_combo = QComboBox()
         self.stack_combo = QComboBox()
         self.stack_combo.addItems(["current slice", "whole stack"])
@@ -288,12 +102,17 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.image_combo.currentTextChanged.connect(self._update_channel_choices)
         self.attention_check.toggled.connect(self._toggle_attention_layers)
         self.query_check.toggled.connect(self._toggle_query)
+        self.model_combo.currentIndexChanged.connect(self._model_chosen)
+        self.tile_spin.valueChanged.connect(self._tile_chosen)
+        self.device_combo.currentTextChanged.connect(lambda *_: self.warm_up())
+        self.session.model_changed.connect(self._session_model_changed)
         events = self.viewer.layers.events
         for ev in (events.inserted, events.removed, events.moved):
             ev.connect(self.refresh_layers)
         self.viewer.layers.selection.events.active.connect(self._follow_selection)
         self.refresh_layers()
-        self.refresh_models()
+        self.refresh_models(select=self.session.current_model())
+        self.warm_up()
 
     # choices ----------------------------------------------------------------
     def refresh_layers(self, event=None) -> None:
@@ -310,21 +129,45 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self._update_channel_choices()
 
     def refresh_models(self, select: str | None = None) -> None:
-        select = select or self.model_combo.currentData() or self.controller.current_model
+        select = select or self.model_combo.currentData() or self.session.current_model()
+        self.model_combo.blockSignals(True)
         self.model_combo.clear()
         for label, key in self.controller.model_choices():
             self.model_combo.addItem(label, key)
-        if select is not None:
-            i = self.model_combo.findData(select)
-            if i >= 0:
-                self.model_combo.setCurrentIndex(i)
+        i = self.model_combo.findData(select) if select is not None else -1
+        self.model_combo.setCurrentIndex(max(i, 0) if self.model_combo.count() else -1)
+        self.model_combo.blockSignals(False)
+        self._model_chosen()
 
     def set_model(self, key: str) -> None:
-        """Make ``key`` (a preset or model file) the current model."""
-        if Path(key).is_file() and key not in [k for _, k in self.controller.model_choices()]:
-            self.controller.add_model_file(key)
-        self.controller.current_model = key
-        self.refresh_models(select=key)
+        """Make ``key`` (a preset or model file) the current model of this viewer."""
+        self.session.set_model(str(key))
+        self.refresh_models(select=str(key))
+
+    def _model_chosen(self, *_) -> None:
+        key = self.model_combo.currentData()
+        if key and key != self.session.model_key:
+            self.session.set_model(key)  # -> _session_model_changed -> warm_up
+        elif key:
+            self.warm_up()
+
+    def _session_model_changed(self, key: str) -> None:
+        if self.model_combo.currentData() != key:
+            self.refresh_models(select=key)
+        else:
+            self.warm_up()
+
+    def _tile_chosen(self, value: int) -> None:
+        self.session.tile = int(value)
+        self.warm_up()
+
+    def warm_up(self) -> None:
+        """Load the current model and run its first forward pass in a worker thread."""
+        key, tile, device = self.model_combo.currentData(), self.tile_spin.value(), self.device_combo.currentText()
+        if not key or _workers.synchronous():
+            return
+        self.warm_worker = _workers.start(lambda: self.controller.warm(key, tile, device),
+                                          lambda ok: None, lambda exc: None, lambda: None)
 
     def _follow_selection(self, event=None) -> None:
         active = self.viewer.layers.selection.active
@@ -345,17 +188,23 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
     def _browse(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Open model", "", "Model files (*.safetensors)")
         if path:
-            try:
-                self.controller.add_model_file(path)
-            except BadInputError as exc:
-                self._notify_error(str(exc))
-                return
+            self.add_model_file(path)
+
+    def add_model_file(self, path: str) -> None:
+        """Check a model file in a worker thread, then list it and make it current."""
+        self.status.setText(f"Checking {Path(path).name}…")
+
+        def done(_):
+            self.status.setText("")
             self.refresh_models(select=path)
+
+        _workers.start(lambda: self.controller.add_model_file(path), done,
+                       lambda exc: self._notify_error(str(exc)), lambda: None)
 
     # run ---------------------------------------------------------------------
     def segment(self) -> None:
         if self.controller.running:
-            return  # one worker at a time per dock
+            return  # one run at a time per dock
         try:
             request = self.controller.make_request(
                 self.image_combo.currentText(),
@@ -370,6 +219,8 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
             self._notify_error(str(exc))
             return
         self.controller.running = True
+        self._worker_running = True
+        self._steps = []
         self.segment_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText(f"Segmenting {request.layer_name}…")
@@ -377,10 +228,10 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
 
         self._progress = progress(total=0, desc="Segment")
         self.worker = _workers.start(
-            lambda: self.controller.run(request, self._bridge.progress.emit),
-            lambda result: self._done(request, result),
+            lambda: self.controller.run_and_prepare(request, self._bridge.progress.emit),
+            lambda value: self._done(request, value),
             self._error,
-            self._finished,
+            self._worker_finished,
         )
 
     def cancel(self) -> None:
@@ -396,15 +247,35 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         bar.n = int(info.get("done", 0))
         bar.set_description(info.get("message", "Segment"))
 
-    def _done(self, request: Request, result) -> None:
-        if result is None:
+    def _done(self, request: Request, value) -> None:
+        if value is None or self.controller.cancel_event.is_set():
             self.status.setText("Cancelled: no layer was changed.")
             return
-        try:
-            self.controller.apply(request, result)
-        except BadInputError as exc:
-            self._notify_error(str(exc))
+        result, steps = value
+        self.status.setText(f"{request.layer_name}: adding layers…")
+        self._steps = list(steps)
+        self._result = (request, result)
+        QTimer.singleShot(0, self._next_step)
+
+    def _next_step(self) -> None:
+        """Run one GUI-thread step (adds or updates one layer); the next comes on a later turn."""
+        if not self._steps:
             return
+        step = self._steps.pop(0)
+        try:
+            step.run()
+        except BadInputError as exc:
+            self._steps = []
+            self._notify_error(str(exc))
+            self._maybe_end()
+            return
+        if self._steps:
+            QTimer.singleShot(STEP_DELAY_MS, self._next_step)
+            return
+        self._report(*self._result)
+        self._maybe_end()
+
+    def _report(self, request: Request, result) -> None:
         self.device_label.setText(f"Device used: {result.device}")
         n = int(result.labels.max()) if result.instances else int(np.unique(result.labels).size - 1)
         what = "objects" if result.instances else "classes"
@@ -420,11 +291,19 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
             return
         self._notify_error(f"Segmentation failed: {type(exc).__name__}: {exc}")
 
-    def _finished(self) -> None:
+    def _worker_finished(self) -> None:
+        self._worker_running = False
+        self._maybe_end()
+
+    def _maybe_end(self) -> None:
+        """The run ends when the worker has finished and every layer step has run."""
+        if self._worker_running or self._steps:
+            return
         self._end_run()
         self.segment_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
 
+    # query mode -------------------------------------------------------------
     def _toggle_query(self, checked: bool) -> None:
         callbacks = self.viewer.mouse_drag_callbacks
         if checked and self._on_click not in callbacks:
@@ -452,8 +331,6 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         return layer
 
     def _toggle_attention_layers(self, checked: bool) -> None:
-        from .layers import attention_layers
-
         for layer in attention_layers(self.viewer):
             if not layer.name.endswith(" mix"):
                 layer.visible = checked

@@ -1,0 +1,332 @@
+"""The Segment dock's workflow, without Qt: requests, the engine call, and putting results into layers.
+
+Everything heavy happens in the worker thread: the engine call, and then
+:meth:`SegmentController.prepare`, which builds the napari layer objects
+(int32 labels, attention heatmaps downsampled for big images, contrast
+limits given so napari computes none) and works out which pixels of an
+existing labels layer change. What is left for the GUI thread is a list of
+small :class:`Step` s, run one per event-loop turn so the window never
+freezes while layers appear.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..engine.errors import BadInputError, Cancelled
+from .layers import (
+    ATTENTION_PREFIX,
+    LABELS_DTYPE,
+    LayerInput,
+    current_index,
+    labels_name,
+    layer_input,
+)
+from .session import Session, session_for
+
+PREDICTION_KEY = "jointattn_prediction"
+#: attention maps larger than this (pixels per side) are shown downsampled; they are
+#: smooth upsamplings of 1/8..1/32-resolution maps, so nothing visible is lost
+MAX_ATTENTION_SIDE = 2048
+ATTENTION_TARGET_SIDE = 1024
+
+
+@dataclass
+class Request:
+    """A snapshot of what to segment, taken on the GUI thread when Segment is clicked."""
+
+    layer_name: str
+    model_key: str
+    device: str
+    tile: int
+    attention: bool
+    input: LayerInput
+    slices: list[int] | None = None
+    layer_id: object = None
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Step:
+    """One piece of GUI-thread work: ``run()`` returns the layer it added or changed."""
+
+    what: str
+    run: Callable[[], object]
+
+
+def attention_factor(shape: tuple) -> int:
+    """Downsampling factor for an attention map of ``shape`` (last two axes)."""
+    side = max(shape[-2:])
+    return 1 if side <= MAX_ATTENTION_SIDE else math.ceil(side / ATTENTION_TARGET_SIDE)
+
+
+def downsample(data: np.ndarray, scale: tuple, translate: tuple, factor: int):
+    """Every ``factor``-th pixel of the last two axes, with the scale and translation that
+    keep each kept pixel exactly where it was."""
+    if factor == 1:
+        return data, tuple(scale), tuple(translate)
+    off = factor // 2
+    small = np.ascontiguousarray(data[..., off::factor, off::factor])
+    n = len(scale)
+    scale2 = tuple(s * factor if i >= n - 2 else s for i, s in enumerate(scale))
+    translate2 = tuple(t + off * s if i >= n - 2 else t for i, (t, s) in enumerate(zip(translate, scale)))
+    return small, scale2, translate2
+
+
+def attention_layer_name(key: str) -> tuple[str, bool]:
+    """``"joint 1/8 pointwise"`` -> (``"attention joint 1/8"``, True); mixing maps get `` mix``."""
+    module, _, map_name = key.rpartition(" ")
+    pointwise = map_name == "pointwise"
+    return f"{ATTENTION_PREFIX}{module}" + ("" if pointwise else f" {map_name}"), pointwise
+
+
+class SegmentController:
+    """State and logic of the Segment dock; usable without Qt (e.g. on a ``ViewerModel``)."""
+
+    def __init__(self, viewer, session: Session | None = None) -> None:
+        self.viewer = viewer
+        self.session = session or session_for(viewer)
+        self.running = False
+        self.cancel_event = threading.Event()
+        self.last_result = None
+        self.last_request: Request | None = None
+        self.device_used: str | None = None
+
+    # models -----------------------------------------------------------
+    def model_choices(self) -> list[tuple[str, str]]:
+        return self.session.model_choices()
+
+    def add_model_file(self, path: str) -> str:
+        return self.session.add_model_file(path)
+
+    def model(self, key: str):
+        return self.session.model(key)
+
+    def warm(self, key: str | None = None, tile: int | None = None, device: str = "auto") -> bool:
+        """Load the model and run its first forward pass (call from a worker thread)."""
+        return self.session.warm(key, tile, device)
+
+    # requests -----------------------------------------------------------
+    def image_layers(self) -> list:
+        from napari.layers import Image
+
+        return [layer for layer in self.viewer.layers if isinstance(layer, Image)
+                and not layer.name.startswith(ATTENTION_PREFIX)]
+
+    def make_request(
+        self,
+        layer_name: str,
+        model_key: str | None = None,
+        device: str = "auto",
+        tile: int | None = None,
+        whole_stack: bool = False,
+        attention: bool = False,
+        channel_axis: int | None = None,
+    ) -> Request:
+        """Snapshot a request; ``model_key`` and ``tile`` default to the session's."""
+        if not layer_name or layer_name not in self.viewer.layers:
+            raise BadInputError("choose an image layer to segment")
+        model_key = model_key or self.session.current_model()
+        if not model_key:
+            raise BadInputError("choose a model (no presets or saved models found)")
+        tile = int(tile or self.session.tile)
+        layer = self.viewer.layers[layer_name]
+        inp = layer_input(layer, channel_axis)
+        slices = None
+        if len(inp.spatial_shape) == 3 and not whole_stack:
+            slices = [current_index(self.viewer, layer, 0 if channel_axis != 0 else 1)]
+        elif len(inp.spatial_shape) > 3:
+            raise BadInputError(
+                f"layer {layer_name!r} has {len(inp.spatial_shape)} spatial dimensions; "
+                "segment 2-D images or 3-D stacks"
+            )
+        return Request(layer_name, model_key, device, tile, attention, inp, slices, layer.unique_id)
+
+    def run(self, request: Request, progress=None):
+        """Engine call (worker thread); None when cancelled.
+
+        ``progress(info)`` gets the engine's progress dicts.
+        """
+        from ..engine.inference import segment
+
+        self.cancel_event.clear()
+
+        def callback(info):
+            if progress is not None:
+                progress(info)
+            return not self.cancel_event.is_set()
+
+        model = self.model(request.model_key)
+        try:
+            return segment(
+                request.input.data,
+                model,
+                device=request.device,
+                tile=request.tile,
+                channel_axis=request.input.channel_axis,
+                slices=request.slices,
+                attention=request.attention,
+                callback=callback,
+            )
+        except Cancelled:
+            return None
+
+    def run_and_prepare(self, request: Request, progress=None):
+        """:meth:`run`, then :meth:`prepare` (worker thread): (result, steps), or None when cancelled."""
+        result = self.run(request, progress)
+        if result is None:
+            return None
+        return result, self.prepare(request, result)
+
+    # results into layers ------------------------------------------------------
+    def prepare(self, request: Request, result) -> list[Step]:
+        """Build the layers for ``result`` (worker thread); the returned steps add them (GUI thread).
+
+        The first step checks that the input layer still exists and raises
+        :class:`BadInputError` otherwise, before any layer is touched.
+        """
+        from napari.layers import Image, Labels
+
+        steps = [Step("check", lambda: self._check_input(request, result))]
+        name = labels_name(request.layer_name)
+        labels = np.asarray(result.labels)
+        existing = self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
+        like = request.input
+        if isinstance(existing, Labels) and existing.data.shape == labels.shape:
+            steps.append(Step("labels", self._update_step(existing, labels, request.slices)))
+        else:
+            layer = Labels(labels.astype(LABELS_DTYPE, copy=False), name=name, scale=like.scale,
+                           translate=like.translate, metadata={PREDICTION_KEY: labels})
+            steps.append(Step("labels", lambda layer=layer: self._add(layer)))
+        if request.attention:
+            for key, data in result.attention.items():
+                lname, pointwise = attention_layer_name(key)
+                small, scale, translate = downsample(data, like.scale, like.translate,
+                                                     attention_factor(data.shape))
+                meta = {"jointattn_source": request.layer_name, "jointattn_map": key,
+                        "jointattn_downsampled": attention_factor(data.shape)}
+                old = self.viewer.layers[lname] if lname in self.viewer.layers else None  # noqa: SIM401
+                if isinstance(old, Image) and old.data.shape == small.shape:
+                    steps.append(Step(lname, self._replace_step(old, small, scale, translate, meta)))
+                else:
+                    layer = Image(small, name=lname, colormap="inferno" if pointwise else "viridis",
+                                  blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0),
+                                  scale=scale, translate=translate, metadata=meta, visible=pointwise)
+                    steps.append(Step(lname, lambda layer=layer: self._add(layer)))
+        return steps
+
+    def _check_input(self, request: Request, result) -> None:
+        layers = self.viewer.layers
+        if request.layer_name not in layers or layers[request.layer_name].unique_id != request.layer_id:
+            raise BadInputError(
+                f"the input layer {request.layer_name!r} was removed while segmenting; result discarded"
+            )
+        self.device_used = result.device
+        self.last_result = result
+        self.last_request = request
+
+    def _add(self, layer):
+        if layer.name in self.viewer.layers:  # a layer of another kind or shape took the name
+            i = 1
+            while f"{layer.name} [{i}]" in self.viewer.layers:
+                i += 1
+            layer.name = f"{layer.name} [{i}]"
+        self.viewer.layers.append(layer)
+        return layer
+
+    @staticmethod
+    def _update_step(layer, labels: np.ndarray, slices):
+        """Where ``labels`` differ from the layer now (worked out here, in the worker thread);
+        the step writes them as one undoable edit."""
+        current = np.asarray(layer.data)
+        if slices is not None:
+            region = np.zeros(labels.shape, bool)
+            region[list(slices)] = True
+            changed = (current != labels) & region
+        else:
+            changed = current != labels
+        idx = np.nonzero(changed)
+        values = labels[changed]
+        del changed
+
+        def run():
+            data = np.asarray(layer.data)
+            if data.dtype.kind in "iu" and values.size and values.max() > np.iinfo(data.dtype).max:
+                layer.data = data.astype(LABELS_DTYPE)
+            if idx[0].size:
+                layer.data_setitem(idx, values)
+            layer.metadata[PREDICTION_KEY] = labels
+            return layer
+
+        return run
+
+    @staticmethod
+    def _replace_step(layer, data, scale, translate, meta):
+        def run():
+            layer.data = data
+            layer.scale = scale
+            layer.translate = translate
+            layer.metadata.update(meta)
+            return layer
+
+        return run
+
+    def apply(self, request: Request, result) -> list:
+        """Put a result into layers all at once (GUI thread; for scripts and tests)."""
+        return [layer for step in self.prepare(request, result)
+                if (layer := step.run()) is not None]
+
+    # query mode -----------------------------------------------------------------
+    def query(self, layer_name: str, model_key: str | None, world_position, tile: int | None = None,
+              channel_axis: int | None = None):
+        """Where the clicked pixel's global attention looks: (QueryResult, LayerInput).
+
+        The first click in a tile costs one forward pass of that tile, later
+        clicks in it a single attention row.
+        """
+        from ..engine.query import AttentionQuery
+
+        if layer_name not in self.viewer.layers:
+            raise BadInputError("choose an image layer first")
+        model_key = model_key or self.session.current_model()
+        tile = int(tile or self.session.tile)
+        layer = self.viewer.layers[layer_name]
+        inp = layer_input(layer, channel_axis)
+        if len(inp.spatial_shape) not in (2, 3):
+            raise BadInputError("query mode works on 2-D images and 3-D stacks")
+        key = (layer.unique_id, model_key, tile, inp.channel_axis)
+        if getattr(self, "_query_key", None) != key:
+            self._query = AttentionQuery(self.model(model_key), inp.data, tile=tile,
+                                         channel_axis=inp.channel_axis)
+            self._query_key = key
+        coords = np.asarray(layer.world_to_data(world_position))
+        if inp.channel_axis is not None and not getattr(layer, "rgb", False):
+            coords = np.delete(coords, inp.channel_axis)
+        coords = coords[-len(inp.spatial_shape):]
+        z = round(float(coords[0])) if len(inp.spatial_shape) == 3 else None
+        point = (int(np.floor(coords[-2] + 0.5)), int(np.floor(coords[-1] + 0.5)))
+        return self._query.query(point, z), inp
+
+    def show_query(self, result, inp: LayerInput):
+        """Put a query heatmap into the ``attention query`` layer over its tile."""
+        scale = inp.scale[-2:]
+        translate = tuple(t + o * sc for t, o, sc in zip(inp.translate[-2:], result.origin, scale))
+        name = f"{ATTENTION_PREFIX}query"
+        heat = result.heatmap / max(float(result.heatmap.max()), 1e-12)
+        if name in self.viewer.layers:
+            layer = self.viewer.layers[name]
+            layer.data = heat
+            layer.translate = translate
+            layer.scale = scale
+        else:
+            layer = self.viewer.add_image(heat, name=name, colormap="magma", blending="additive",
+                                          opacity=0.8, contrast_limits=(0.0, 1.0), scale=scale,
+                                          translate=translate)
+        layer.metadata.update({"module": result.module, "origin": result.origin,
+                               "slice": result.slice_index})
+        return layer
