@@ -75,7 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--axis", type=_axis, default=None,
                    help="slice 3-D stacks along this axis (TIFF default 0; NIfTI: the axial axis)")
     s.add_argument("--attention", action="store_true",
-                   help="also write attention maps: DIR/<stem>_attention_<module>.tif")
+                   help="also write attention maps, one file per map with the image's shape: "
+                        "DIR/<stem>_attention_<map>.tif (.nii.gz for NIfTI input)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (default: skip inputs whose outputs exist)")
 
@@ -139,14 +140,14 @@ def cmd_segment(args) -> int:
     from .engine.batch import plan_segment
     from .engine.devices import resolve_device
     from .engine.errors import BadInputError
-    from .engine.imageio import read_image, write_labels, write_tiff
+    from .engine.imageio import read_image, write_attention, write_labels
     from .engine.models import load_model
-    from .engine.inference import segment
+    from .engine.inference import attention_map_keys, segment
 
     device = resolve_device(args.device)
     model = load_model(args.model)
-    modules = [name for name, _ in model.net.attention_modules()] if args.attention else []
-    plan = plan_segment(args.inputs, args.out, modules, overwrite=args.overwrite)
+    maps = [key.name for key in attention_map_keys(model)] if args.attention else []
+    plan = plan_segment(args.inputs, args.out, maps, overwrite=args.overwrite)
     for path, reason in plan.skipped:
         print(f"skipped {_show(path)}: {_show(reason)}", file=sys.stderr)
     if not plan.jobs:
@@ -171,18 +172,8 @@ def cmd_segment(args) -> int:
         write_labels(target, result.labels, like=img, overwrite=args.overwrite)
         written = [target]
         if args.attention:
-            by_module: dict[str, list[str]] = {}
-            for name in result.attention:
-                module, _, map_name = name.rpartition(" ")
-                by_module.setdefault(module, []).append(map_name)
-            for module, target in zip(modules, job.outputs[1:]):
-                map_names = by_module.get(module)
-                if not map_names:
-                    continue
-                stack = np.stack([result.attention[f"{module} {m}"] for m in map_names])
-                desc = json.dumps({"module": module, "maps": map_names})
-                write_tiff(target, stack.astype(np.float32), description=desc, overwrite=args.overwrite)
-                written.append(target)
+            written += write_attention({name: result.attention[name] for name in maps}, job.outputs[1:],
+                                       like=img, overwrite=args.overwrite)
         n = int(result.labels.max()) if result.instances else len(np.unique(result.labels)) - 1
         what = "objects" if result.instances else "classes present"
         print(f"{_show(path.name)}: {n} {what}, {result.seconds:.2f} s on {result.device} -> "

@@ -19,6 +19,42 @@ _KNOWN_SUFFIXES = (".nii.gz", ".safetensors", ".tiff", ".tif", ".nii", ".png", "
 _NAME_MAX = 255 - 16
 
 
+def _umask_from_proc() -> int | None:
+    """The process umask as Linux reports it (no side effect), or None where it does not."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    """Read by setting and restoring it: only here, once, while importing (before any worker thread)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_IMPORT_UMASK = _umask_from_proc()
+if _IMPORT_UMASK is None:
+    _IMPORT_UMASK = _umask_at_import()
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it.
+
+    ``os.umask`` can only read the mask by setting it, and the mask is
+    process-wide: in a multi-threaded program another thread creating a file
+    in between would get the temporary mask. Linux reports the mask in
+    ``/proc/self/status``; elsewhere the value read at import is used.
+    """
+    mask = _umask_from_proc()
+    return _IMPORT_UMASK if mask is None else mask
+
+
 def _temp_affixes(target: Path) -> tuple[str, str]:
     """(prefix, suffix) for ``mkstemp``: short enough for any legal target name.
 
@@ -91,9 +127,7 @@ def atomic_path(target: str | os.PathLike, overwrite: bool = True) -> Iterator[P
     try:
         os.close(fd)
         # mkstemp creates 0600; give the file the permissions a plain open() would
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
+        os.chmod(tmp_path, 0o666 & ~current_umask())
         yield tmp_path
         if overwrite:
             os.replace(tmp_path, target)

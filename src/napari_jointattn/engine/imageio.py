@@ -14,6 +14,7 @@ Every reader checks the size the header declares against the pixel limit
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -325,6 +326,29 @@ def label_dtype(labels: np.ndarray) -> np.dtype:
     return np.dtype(np.uint16 if top < 2**16 else np.uint32)
 
 
+def _write_nifti(path: Path, data: np.ndarray, like: ImageFile | None, overwrite: bool) -> Path:
+    """``data`` as NIfTI with ``like``'s affine and header (else the identity), atomically."""
+    import nibabel as nib
+
+    affine = like.affine if like is not None and like.affine is not None else np.eye(4)
+    header = like.header.copy() if like is not None and like.header is not None else None
+    out = nib.Nifti1Image(data, affine, header)
+    out.set_data_dtype(data.dtype)
+    out.header.set_slope_inter(1, 0)
+    suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
+
+    def writer(tmp: Path) -> None:
+        real = tmp.with_name(tmp.name + suffix)
+        try:
+            nib.save(out, str(real))
+            os.replace(real, tmp)
+        finally:
+            if real.exists():
+                real.unlink()
+
+    return write_atomic(path, writer, overwrite=overwrite)
+
+
 def write_labels(path: str | os.PathLike, labels: np.ndarray, like: ImageFile | None = None,
                  overwrite: bool = True) -> Path:
     """Write integer labels atomically; NIfTI keeps ``like``'s affine and header.
@@ -333,38 +357,48 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, like: ImageFile | 
     """
     path = Path(path)
     labels = np.asarray(labels)
-    dtype = label_dtype(labels)
+    data = labels.astype(label_dtype(labels))
     if file_format(path) == "nifti":
-        import nibabel as nib
-
-        affine = like.affine if like is not None and like.affine is not None else np.eye(4)
-        header = like.header.copy() if like is not None and like.header is not None else None
-        out = nib.Nifti1Image(labels.astype(dtype), affine, header)
-        out.set_data_dtype(dtype)
-        out.header.set_slope_inter(1, 0)
-        suffix = ".nii.gz" if str(path).lower().endswith(".gz") else ".nii"
-
-        def writer(tmp: Path) -> None:
-            real = tmp.with_name(tmp.name + suffix)
-            try:
-                nib.save(out, str(real))
-                os.replace(real, tmp)
-            finally:
-                if real.exists():
-                    real.unlink()
-
-        return write_atomic(path, writer, overwrite=overwrite)
-    return write_tiff(path, labels.astype(dtype), overwrite=overwrite)
+        return _write_nifti(path, data, like, overwrite)
+    return write_tiff(path, data, overwrite=overwrite)
 
 
-def write_tiff(path: str | os.PathLike, data: np.ndarray, description: str | None = None,
-               overwrite: bool = True) -> Path:
-    import tifffile
+def write_map(path: str | os.PathLike, data: np.ndarray, like: ImageFile | None = None,
+              description: str | None = None, overwrite: bool = True) -> Path:
+    """Write one float32 map (e.g. an attention map) with the image's shape, atomically.
 
-    def writer(tmp: Path) -> None:
-        tifffile.imwrite(tmp, data, compression="zlib", description=description, metadata=None)
+    A NIfTI ``path`` keeps ``like``'s affine and header, so the map overlays
+    the scan; a TIFF gets ``description`` (e.g. JSON naming the map).
+    """
+    path = Path(path)
+    data = np.asarray(data, dtype=np.float32)
+    if file_format(path) == "nifti":
+        return _write_nifti(path, data, like, overwrite)
+    return write_tiff(path, data, description=description, overwrite=overwrite)
 
-    return write_atomic(path, writer, overwrite=overwrite)
+
+def attention_output(path: str | os.PathLike, like: ImageFile | None) -> Path:
+    """Where one attention map of ``like`` goes: NIfTI for NIfTI input, else the TIFF ``path``."""
+    path = Path(path)
+    if like is not None and like.format == "nifti" and path.name.lower().endswith(TIFF_SUFFIXES):
+        return path.with_name(output_stem(path) + ".nii.gz")
+    return path
+
+
+def write_attention(maps: dict[str, np.ndarray], paths, like: ImageFile | None = None,
+                    overwrite: bool = True) -> list[Path]:
+    """One file per map (``maps``: display name -> array with the image's spatial shape).
+
+    ``paths[i]`` receives the i-th map: a float32 TIFF whose description is
+    ``{"attention": name}``, or NIfTI with ``like``'s affine and header when
+    ``like`` was read from NIfTI (see :func:`attention_output`).
+    """
+    written = []
+    for (name, data), path in zip(maps.items(), paths):
+        target = attention_output(path, like)
+        written.append(write_map(target, data, like, description=json.dumps({"attention": name}),
+                                 overwrite=overwrite))
+    return written
 
 
 def read_labels(path: str | os.PathLike, *, max_pixels: int | None = None) -> np.ndarray:
