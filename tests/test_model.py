@@ -278,18 +278,23 @@ def test_config_roundtrip_and_validation():
 
 MEMORY_SCRIPT = textwrap.dedent(
     """
-    import resource, sys, torch
+    import sys, torch
     from napari_jointattn.model import make_attention
+
+    def peak_kib():  # this process's own peak RSS; ru_maxrss would carry the parent's over exec
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM:"))
+
     torch.set_num_threads(2)
     kind, form, grad = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     mod = make_attention(kind, 32, value_dim=16, key_dim=16, joint_form=form)
     x = torch.randn(1, 32, 192, 192, requires_grad=grad)  # N = 36864
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = peak_kib()
     with torch.set_grad_enabled(grad):
         y = mod(x)
         if grad:
             y.sum().backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = peak_kib()
     print((after - before) / 1024)
     """
 )
@@ -297,7 +302,9 @@ MEMORY_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize(
     "kind,form,grad",
-    [("self", "mix", "0"), ("joint", "mix", "0"), ("joint", "gated", "0"), ("joint", "mix", "1")],
+    [("self", "mix", "0"), ("joint", "mix", "0"), ("joint", "gated", "0"),
+     # the backward pass: about 2 minutes on 2 busy cores
+     pytest.param("joint", "mix", "1", marks=pytest.mark.slow)],
 )
 def test_fast_path_memory_far_below_n_squared(kind, form, grad):
     """At 192x192 features one N x N float32 matrix is 5.1 GiB; we allow 0.5 GiB."""
