@@ -363,6 +363,16 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, like: ImageFile | 
     return write_tiff(path, data, overwrite=overwrite)
 
 
+def write_tiff(path: str | os.PathLike, data: np.ndarray, description: str | None = None,
+               overwrite: bool = True) -> Path:
+    import tifffile
+
+    def writer(tmp: Path) -> None:
+        tifffile.imwrite(tmp, data, compression="zlib", description=description, metadata=None)
+
+    return write_atomic(path, writer, overwrite=overwrite)
+
+
 def write_map(path: str | os.PathLike, data: np.ndarray, like: ImageFile | None = None,
               description: str | None = None, overwrite: bool = True) -> Path:
     """Write one float32 map (e.g. an attention map) with the image's shape, atomically.
