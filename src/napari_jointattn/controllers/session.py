@@ -105,6 +105,11 @@ class Session:
                 self._cache[key] = (stamp, load_model(key))
             return self._cache[key][1]
 
+    def is_warm(self, key: str | None = None, tile: int | None = None, device: str = "auto") -> bool:
+        """Whether :meth:`warm` has run for this model, tile and device."""
+        key = key or self.current_model()
+        return (key, _stamp(key), int(tile or self.tile), device) in self._warm
+
     def warm(self, key: str | None, tile: int | None = None, device: str = "auto") -> bool:
         """Load ``key`` and run one tile through it with attention maps (worker thread).
 

@@ -47,6 +47,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.session = self.controller.session
         self.worker = None
         self.warm_worker = None
+        self._warming: tuple | None = None  # (model, tile, device) being warmed
         self._progress = None
         self._steps: list = []
         self._worker_running = False
@@ -164,10 +165,17 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
     def warm_up(self) -> None:
         """Load the current model and run its first forward pass in a worker thread."""
         key, tile, device = self.model_combo.currentData(), self.tile_spin.value(), self.device_combo.currentText()
-        if not key or _workers.synchronous():
+        token = (key, tile, device)
+        if not key or _workers.synchronous() or token == self._warming:
             return
+        self._warming = token
+
+        def finished():
+            if self._warming == token:
+                self._warming = None
+
         self.warm_worker = _workers.start(lambda: self.controller.warm(key, tile, device),
-                                          lambda ok: None, lambda exc: None, lambda: None)
+                                          lambda ok: None, lambda exc: None, finished)
 
     def _follow_selection(self, event=None) -> None:
         active = self.viewer.layers.selection.active
