@@ -34,7 +34,7 @@ def test_segment_on_a_viewer_model(viewer, saved_model, blobs):
     viewer.add_image(image, name="cells", scale=(0.5, 0.5))
     ctl = SegmentController(viewer)
     request = ctl.make_request("cells", str(saved_model), attention=True, tile=128)
-    result, steps = ctl.run_and_prepare(request)
+    _result, steps = ctl.run_and_prepare(request)
     assert [l.name for l in viewer.layers] == ["cells"]  # nothing touched before the steps run
     for step in steps:
         step.run()
@@ -53,7 +53,7 @@ def test_input_removed_before_the_layers_are_added(viewer, saved_model, blobs):
 
     viewer.add_image(blobs[0], name="cells")
     ctl = SegmentController(viewer)
-    result, steps = ctl.run_and_prepare(ctl.make_request("cells", str(saved_model), tile=128))
+    _result, steps = ctl.run_and_prepare(ctl.make_request("cells", str(saved_model), tile=128))
     viewer.layers.remove("cells")
     with pytest.raises(BadInputError, match="removed"):
         steps[0].run()

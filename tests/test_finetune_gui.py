@@ -58,7 +58,7 @@ def wait_summary(qtbot, ft, timeout=30_000):
 
 
 def test_train_on_painted_labels(qtbot, docks, blobs, model_dir):
-    viewer, seg, ft, start = docks
+    viewer, seg, ft, _start = docks
     image, truth = blobs
     viewer.add_image(image, name="cells")
     viewer.add_labels(truth.astype(np.uint8), name="cells labels")  # the user's painting
@@ -92,7 +92,7 @@ def test_train_on_painted_labels(qtbot, docks, blobs, model_dir):
 
 
 def test_stop_keeps_best_so_far(qtbot, docks, blobs, model_dir):
-    viewer, seg, ft, start = docks
+    viewer, _seg, ft, _start = docks
     image, truth = blobs
     viewer.add_image(image, name="cells")
     viewer.add_labels(truth.astype(np.uint8), name="cells labels")
@@ -110,7 +110,7 @@ def test_stop_keeps_best_so_far(qtbot, docks, blobs, model_dir):
 
 
 def test_unannotated_slices_are_ignored(qtbot, docks, blobs):
-    viewer, seg, ft, start = docks
+    viewer, _seg, ft, _start = docks
     image, truth = blobs
     viewer.add_image(np.stack([image] * 4), name="stack")
     lab = np.zeros((4, *truth.shape), np.uint8)
@@ -129,7 +129,7 @@ def test_summary_follows_edits_off_the_gui_thread(qtbot, docks, blobs, monkeypat
 
     from napari_jointattn.controllers.finetune import FinetuneController
 
-    viewer, seg, ft, start = docks
+    viewer, _seg, ft, _start = docks
     image, truth = blobs
     viewer.add_image(image, name="cells")
     layer = viewer.add_labels(np.zeros(truth.shape, np.int32), name="cells labels")
@@ -153,7 +153,7 @@ def test_summary_follows_edits_off_the_gui_thread(qtbot, docks, blobs, monkeypat
 def test_gui_responsive_and_painting_while_training(qtbot, docks, blobs):
     from qtpy.QtCore import QTimer
 
-    viewer, seg, ft, start = docks
+    viewer, _seg, ft, _start = docks
     image, truth = blobs
     viewer.add_image(image, name="cells")
     labels = viewer.add_labels(truth.astype(np.int32), name="cells labels")
@@ -179,7 +179,7 @@ def test_gui_responsive_and_painting_while_training(qtbot, docks, blobs):
 
 
 def test_progress_reports_steps_before_the_first_epoch_ends(qtbot, docks, blobs):
-    viewer, seg, ft, start = docks
+    viewer, _seg, ft, _start = docks
     image, truth = blobs
     viewer.add_image(image, name="cells")
     viewer.add_labels(truth.astype(np.int32), name="cells labels")
@@ -206,7 +206,7 @@ def test_progress_reports_steps_before_the_first_epoch_ends(qtbot, docks, blobs)
 
 @pytest.mark.parametrize("case", ["no-labels", "other-shape", "single-class"])
 def test_bad_input_notifies_and_keeps_layers(qtbot, docks, blobs, case):
-    viewer, seg, ft, start = docks
+    viewer, _seg, ft, _start = docks
     image, truth = blobs
     viewer.add_image(image, name="cells")
     lab = {"no-labels": np.zeros(truth.shape, np.int32),  # nothing annotated
@@ -229,7 +229,7 @@ def test_bad_input_notifies_and_keeps_layers(qtbot, docks, blobs, case):
 
 
 def test_image_removed_during_training(qtbot, docks, blobs):
-    viewer, seg, ft, start = docks
+    viewer, _seg, ft, _start = docks
     image, truth = blobs
     viewer.add_image(image, name="cells")
     viewer.add_labels(truth.astype(np.uint8), name="cells labels")
@@ -242,7 +242,7 @@ def test_image_removed_during_training(qtbot, docks, blobs):
 
 
 def test_rollback_to_an_earlier_version(qtbot, docks, blobs, model_dir):
-    viewer, seg, ft, start = docks
+    viewer, seg, ft, _start = docks
     older = save_model(new_model("nuclei", seed=1, provenance={"parent": "start"}),
                        model_dir / "start-ft-older.safetensors")
     ft.refresh_versions()

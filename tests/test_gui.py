@@ -92,7 +92,7 @@ def test_model_warms_up_in_the_background_when_the_dock_opens(qtbot, dock, brigh
 
     from napari_jointattn.controllers.session import Session
 
-    viewer, widget = dock
+    _viewer, widget = dock
     session = widget.session
     qtbot.waitUntil(lambda: session.is_warm(str(bright_model), 512), timeout=60_000)
     assert str(bright_model) in session._cache  # loaded once, reused by the click
@@ -132,7 +132,7 @@ def test_first_click_is_quick_and_never_freezes(qtbot, dock, bright_model):
     gaps = np.diff([t0, *ticks])
     assert to_labels < 10.0
     assert gaps.max() < 1.0, f"event loop blocked for {gaps.max():.2f} s"
-    assert [name for name, _ in inserted][0] == "cells labels" and len(inserted) == 7
+    assert next(name for name, _ in inserted) == "cells labels" and len(inserted) == 7
     # the timer ran between layer additions: they were not added in one go
     assert len({n for _, n in inserted}) >= 4, inserted
     assert viewer.layers["cells labels"].data.dtype == np.int32

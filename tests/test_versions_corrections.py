@@ -5,9 +5,19 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from napari_jointattn.engine.corrections import ONLY_AFTER, ONLY_BEFORE, correction_weights, label_changes
+from napari_jointattn.engine.corrections import (
+    ONLY_AFTER,
+    ONLY_BEFORE,
+    correction_weights,
+    label_changes,
+)
 from napari_jointattn.engine.models import new_model, save_model
-from napari_jointattn.engine.versions import describe_version, export_version, list_versions, version_path
+from napari_jointattn.engine.versions import (
+    describe_version,
+    export_version,
+    list_versions,
+    version_path,
+)
 
 
 def test_correction_weights_mark_where_the_user_changed_foreground():
