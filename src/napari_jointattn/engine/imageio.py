@@ -14,7 +14,6 @@ Every reader checks the size the header declares against the pixel limit
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import threading
@@ -364,27 +363,33 @@ def write_labels(path: str | os.PathLike, labels: np.ndarray, like: ImageFile | 
 
 
 def write_tiff(path: str | os.PathLike, data: np.ndarray, description: str | None = None,
-               overwrite: bool = True) -> Path:
+               overwrite: bool = True, metadata: dict | None = None) -> Path:
+    """``metadata``: stored with the array's shape in tifffile's JSON description
+    (a 3-D array then reads back as one 3-D series); otherwise ``description``, if any."""
     import tifffile
 
     def writer(tmp: Path) -> None:
-        tifffile.imwrite(tmp, data, compression="zlib", description=description, metadata=None)
+        if metadata is not None:
+            tifffile.imwrite(tmp, data, compression="zlib", metadata=metadata)
+        else:
+            tifffile.imwrite(tmp, data, compression="zlib", description=description, metadata=None)
 
     return write_atomic(path, writer, overwrite=overwrite)
 
 
 def write_map(path: str | os.PathLike, data: np.ndarray, like: ImageFile | None = None,
-              description: str | None = None, overwrite: bool = True) -> Path:
+              metadata: dict | None = None, overwrite: bool = True) -> Path:
     """Write one float32 map (e.g. an attention map) with the image's shape, atomically.
 
     A NIfTI ``path`` keeps ``like``'s affine and header, so the map overlays
-    the scan; a TIFF gets ``description`` (e.g. JSON naming the map).
+    the scan; a TIFF stores ``metadata`` (e.g. the map's name) and its shape
+    in its JSON description.
     """
     path = Path(path)
     data = np.asarray(data, dtype=np.float32)
     if file_format(path) == "nifti":
         return _write_nifti(path, data, like, overwrite)
-    return write_tiff(path, data, description=description, overwrite=overwrite)
+    return write_tiff(path, data, overwrite=overwrite, metadata=dict(metadata or {}))
 
 
 def attention_output(path: str | os.PathLike, like: ImageFile | None) -> Path:
@@ -399,15 +404,14 @@ def write_attention(maps: dict[str, np.ndarray], paths, like: ImageFile | None =
                     overwrite: bool = True) -> list[Path]:
     """One file per map (``maps``: display name -> array with the image's spatial shape).
 
-    ``paths[i]`` receives the i-th map: a float32 TIFF whose description is
-    ``{"attention": name}``, or NIfTI with ``like``'s affine and header when
+    ``paths[i]`` receives the i-th map: a float32 TIFF whose JSON description
+    holds ``"attention": name`` (and the shape), or NIfTI with ``like``'s affine and header when
     ``like`` was read from NIfTI (see :func:`attention_output`).
     """
     written = []
     for (name, data), path in zip(maps.items(), paths):
         target = attention_output(path, like)
-        written.append(write_map(target, data, like, description=json.dumps({"attention": name}),
-                                 overwrite=overwrite))
+        written.append(write_map(target, data, like, metadata={"attention": name}, overwrite=overwrite))
     return written
 
 
