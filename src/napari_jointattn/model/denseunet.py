@@ -118,11 +118,6 @@ class DenseUNetConfig:
             d[key] = list(d[key])
         return d
 
-    @property
-    def aux_channels(self) -> int:
-        """Always 0: extra output channels are not supported (files may still say 0)."""
-        return 0
-
     @classmethod
     def from_dict(cls, d: dict) -> DenseUNetConfig:
         d = dict(d)
