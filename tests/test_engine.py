@@ -240,6 +240,25 @@ def test_split_instances_separates_touching_disks():
     assert inst[30, 30] != inst[30, 72]
 
 
+def test_small_objects_and_sequential_ids():
+    from napari_jointattn.engine.postprocess import classify, relabel_sequential, remove_small
+
+    labels = np.zeros((6, 20), np.int32)
+    labels[0, :4] = 3  # 4 pixels
+    labels[2, :5] = 9  # 5 pixels
+    labels[4, :15] = 12  # 15 pixels
+    kept = remove_small(labels, 5)
+    assert sorted(np.unique(kept).tolist()) == [0, 9, 12]  # fewer than 5 pixels dropped, 5 kept
+    np.testing.assert_array_equal(kept[labels != 3], labels[labels != 3])
+    assert remove_small(labels[4:], 16).max() == 0  # a lone object is dropped too
+    assert remove_small(labels, 1) is labels
+    ids = relabel_sequential(kept)
+    assert ids.dtype == np.int32 and sorted(np.unique(ids).tolist()) == [0, 1, 2]
+    assert (ids[2, :5] == 1).all() and (ids[4, :15] == 2).all()  # old id order kept
+    probs = np.stack([np.full((2, 2), 0.7), np.full((2, 2), 0.3)])
+    assert classify(probs, {}).max() == 0 and classify(probs, {"threshold": 0.25}).min() == 1
+
+
 def test_devices():
     from napari_jointattn.engine.devices import resolve_device
 
@@ -298,8 +317,11 @@ def test_save_is_atomic(tmp_path, monkeypatch):
         (lambda m: m.update({META_KEY: json.dumps({**json.loads(m[META_KEY]),
                                                    "config": {"in_channels": "__import__('os')"}})}),
          "must be an integer"),
+        (lambda m: m.update({META_KEY: json.dumps({**json.loads(m[META_KEY]), "config": {
+            **json.loads(m[META_KEY])["config"], "aux_channels": 1}})}),
+         "extra output channels are not supported"),
     ],
-    ids=["missing", "malformed", "architecture", "classes", "percentiles", "config-type"],
+    ids=["missing", "malformed", "architecture", "classes", "percentiles", "config-type", "aux-channels"],
 )
 def test_bad_metadata_is_rejected(saved_model, tmp_path, edit, match):
     bad = tmp_path / "bad.safetensors"
