@@ -69,7 +69,7 @@ def test_images_like_the_training_data_do_not_warn(presets):
 
 def test_the_2d_image_given_to_the_brain_model_warns(presets):
     warnings = check_fit(presets["brain-mri"], read_image(DSB))
-    assert [w.split(";")[0] for w in warnings][0] == "model 'brain-mri' was trained on 3-D volumes (MRI (T1-weighted))"
+    assert warnings[0].split(";")[0] == "model 'brain-mri' was trained on 3-D volumes (MRI (T1-weighted))"
     assert "this image is a single 2-D image" in warnings[0] and len(warnings) == 2
 
 

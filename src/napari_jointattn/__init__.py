@@ -7,6 +7,7 @@ The Python API mirrors the command line::
     result = segment("cells.tif", model)      # result.labels, result.attention
 """
 
+from ._lazy import lazy_names
 from ._version import __version__
 
 # The API is imported on first use (PEP 562), so ``napari-jointattn --help``
@@ -23,19 +24,7 @@ _API = {
     "segment": "engine.inference",
 }
 
-
-def __getattr__(name: str):
-    if name in _API:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_API))
+__getattr__, __dir__ = lazy_names(__name__, _API, globals())
 
 
 __all__ = [

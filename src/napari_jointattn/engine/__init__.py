@@ -5,6 +5,8 @@ metrics and evaluation. Names are imported on first use (PEP 562), so that
 light modules (``engine.metadata``, ``engine.errors``) load without torch.
 """
 
+from .._lazy import lazy_names
+
 _API = {
     "BadInputError": "errors",
     "Cancelled": "errors",
@@ -22,19 +24,7 @@ _API = {
     "segment": "inference",
 }
 
-
-def __getattr__(name: str):
-    if name in _API:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__, __dir__ = lazy_names(__name__, _API, globals())
 
 
-def __dir__():
-    return sorted(set(globals()) | set(_API))
-
-
-__all__ = sorted(_API)
+__all__ = list(_API)

@@ -133,41 +133,40 @@ def problems(trained: DataStatistics, image: dict, model_name: str = "the model"
     ``negative`` (negative values the training data never had), ``constant``.
     """
     who = f"model {model_name!r}"
-    out = []
+    out: list[tuple[str, str]] = []
     if image["dims"] != trained.dims:
-        if trained.dims == 2:
-            out.append(("dims", f"{who} was trained on {_describe(trained)}; this image is a 3-D volume "
-                                "(it is segmented slice by slice)"))
-        else:
-            out.append(("dims", f"{who} was trained on {_describe(trained)}; this image is a single 2-D image"))
+        got = ("a 3-D volume (it is segmented slice by slice)" if trained.dims == 2
+               else "a single 2-D image")
+        out.append(("dims", f"{who} was trained on {_describe(trained)}; this image is {got}"))
     if image["channels"] != trained.channels:
         mean = " (their mean is used)" if trained.channels == 1 else ""
-        out.append(("channels", f"{who} was trained on {trained.channels}-channel images; this image has "
-                                f"{image['channels']} channels{mean}"))
+        out.append(("channels", f"{who} was trained on {trained.channels}-channel images; "
+                                f"this image has {image['channels']} channels{mean}"))
     got, ref = image.get("intensity"), trained.intensity
     if got is None or ref is None:
         return out
     span, ref_span = got["p99"] - got["p1"], ref.p99 - ref.p1
     if span <= 0:
-        return out + [("constant", "this image is (nearly) constant: there is nothing to segment")]
+        return [*out, ("constant", "this image is (nearly) constant: there is nothing to segment")]
     if ref_span <= 0:
         return out
-    shown = f"1st-99th percentile {got['p1']:.4g} to {got['p99']:.4g}; training data {ref.p1:.4g} to {ref.p99:.4g}"
+    shown = (f"1st-99th percentile {got['p1']:.4g} to {got['p99']:.4g}; "
+             f"training data {ref.p1:.4g} to {ref.p99:.4g}")
+    theirs = f"the training data of {who}"
     factor = span / ref_span
     if not 1 / SPAN_FACTOR <= factor <= SPAN_FACTOR:
-        out.append(("span", f"this image's intensity range is {factor:.3g}x that of the training data of {who} "
-                            f"({shown})"))
+        out.append(("span", f"this image's intensity range is {factor:.3g}x that of {theirs} ({shown})"))
     where, ref_where = (got["p50"] - got["p1"]) / span, (ref.p50 - ref.p1) / ref_span
     if abs(where - ref_where) > MEDIAN_SHIFT:
-        out.append(("median", f"this image's median intensity lies at {where:.0%} of its range, at "
-                              f"{ref_where:.0%} in the training data of {who}: it looks like another kind of image"))
+        out.append(("median", f"this image's median intensity lies at {where:.0%} of its range, "
+                              f"at {ref_where:.0%} in {theirs}: it looks like another kind of image"))
     if got["p1"] < 0 <= ref.p1 and -got["p1"] > 0.05 * span:
         out.append(("negative", f"this image has negative intensities ({shown}); the training data had none"))
     elif min(got["p1"], ref.p1) >= 0 and got["p99"] > 0 and ref.p99 > 0:
         offset, ref_offset = got["p1"] / got["p99"], ref.p1 / ref.p99
-        if (offset <= ZERO_BACKGROUND and ref_offset >= OFFSET) or (ref_offset <= ZERO_BACKGROUND and offset >= OFFSET):
+        if min(offset, ref_offset) <= ZERO_BACKGROUND and max(offset, ref_offset) >= OFFSET:
             out.append(("background", f"this image's background level is {offset:.0%} of its bright level, "
-                                      f"{ref_offset:.0%} in the training data of {who} ({shown}): another kind of image"))
+                                      f"{ref_offset:.0%} in {theirs} ({shown}): another kind of image"))
     return out
 
 
