@@ -314,3 +314,20 @@ def test_simulated_cuda_oom_notifies_and_falls_back(qtbot, dock, blobs, monkeypa
     assert "Device used: cpu" in widget.device_label.text()
     assert any("smaller" in w or "128" in w or "64" in w for w in warnings)
     assert any("CPU" in w for w in warnings)
+
+
+def test_fitting_preset_is_preselected_and_misfits_are_shown(make_napari_viewer, qtbot):
+    """No model chosen yet: opening the brain MRI switches the dock to the brain-mri preset.
+    A model the user picked stays, and the dock says why the image does not fit it."""
+    viewer = make_napari_viewer()
+    _, widget = viewer.window.add_plugin_dock_widget("napari-jointattn", "Segment")
+    assert widget.model_combo.currentData() == "nuclei"
+    viewer.open_sample("napari-jointattn", "brain-mri")
+    qtbot.waitUntil(lambda: widget.model_combo.currentData() == "brain-mri", timeout=30_000)
+    qtbot.waitUntil(lambda: widget.fit_worker is None, timeout=30_000)
+    assert widget.fit_label.text() == ""  # the suggested preset fits
+    widget.set_model("nuclei")  # the user's choice
+    widget.check_fit()
+    qtbot.waitUntil(lambda: "3-D volume" in widget.fit_label.text(), timeout=30_000)
+    assert widget.model_combo.currentData() == "nuclei"
+    wait_workers()

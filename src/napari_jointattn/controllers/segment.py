@@ -85,6 +85,41 @@ def attention_layer_name(key: str) -> tuple[str, bool]:
     return f"{ATTENTION_PREFIX}{module}" + ("" if pointwise else f" {map_name}"), pointwise
 
 
+@dataclass
+class FitQuery:
+    """What the fit check of an image layer needs, snapshotted on the GUI thread."""
+
+    layer_name: str
+    data: np.ndarray
+    path: str | None
+    model_key: str | None
+    may_switch: bool
+
+
+def fit_advice(query: FitQuery) -> dict:
+    """Which model fits the layer, and warnings for the model that will be used (worker thread).
+
+    ``{"model": key or None, "suggested": preset or None, "warnings": [...]}``:
+    with ``may_switch`` the suggested preset (the one whose training data the
+    image resembles) replaces the current model. Empty advice when the
+    engine's fit checks are not available or the model cannot be read.
+    """
+    try:
+        from ..engine.fit import check_fit, suggest_model
+    except ImportError:  # an engine without fit checks
+        return {"model": query.model_key, "suggested": None, "warnings": []}
+    try:
+        suggested = suggest_model(query.data, query.path)
+    except (BadInputError, ValueError):
+        suggested = None
+    key = suggested if suggested and query.may_switch else query.model_key
+    try:
+        warnings = check_fit(key, query.data) if key else []
+    except (BadInputError, ValueError):
+        warnings = []
+    return {"model": key, "suggested": suggested, "warnings": warnings}
+
+
 class SegmentController:
     """State and logic of the Segment dock; usable without Qt (e.g. on a ``ViewerModel``)."""
 
@@ -110,6 +145,15 @@ class SegmentController:
     def warm(self, key: str | None = None, tile: int | None = None, device: str = "auto") -> bool:
         """Load the model and run its first forward pass (call from a worker thread)."""
         return self.session.warm(key, tile, device)
+
+    def fit_query(self, layer_name: str, model_key: str | None, may_switch: bool) -> FitQuery | None:
+        """Snapshot an image layer for :func:`fit_advice` (GUI thread; None without a layer)."""
+        if not layer_name or layer_name not in self.viewer.layers:
+            return None
+        layer = self.viewer.layers[layer_name]
+        path = getattr(getattr(layer, "source", None), "path", None)
+        return FitQuery(layer_name, np.asarray(layer.data), str(path) if path else None,
+                        model_key or self.session.current_model(), may_switch)
 
     # requests -----------------------------------------------------------
     def image_layers(self) -> list:

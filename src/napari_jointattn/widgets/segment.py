@@ -47,6 +47,9 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.session = self.controller.session
         self.worker = None
         self.warm_worker = None
+        self.fit_worker = None
+        self._model_by_user = False  # a model the user picked is never replaced by a suggestion
+        self._fit_pending: tuple | None = None
         self._warming: tuple | None = None  # (model, tile, device) being warmed
         self._progress = None
         self._steps: list = []
@@ -74,6 +77,8 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.device_label = QLabel("Device used: –")
+        self.fit_label = QLabel("")
+        self.fit_label.setWordWrap(True)
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
@@ -81,6 +86,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         model_row.addWidget(self.model_combo, 1)
         model_row.addWidget(self.browse_button)
         form.addRow("Model", model_row)
+        form.addRow("", self.fit_label)
         form.addRow("Device", self.device_combo)
         form.addRow("Tile size", self.tile_spin)
         form.addRow("Channel axis", self.channel_combo)
@@ -101,6 +107,8 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.browse_button.clicked.connect(self._browse)
         self.image_combo.currentTextChanged.connect(self._update_channel_choices)
+        self.image_combo.currentTextChanged.connect(self.check_fit)
+        self.model_combo.activated.connect(self._user_chose_model)
         self.attention_check.toggled.connect(self._toggle_attention_layers)
         self.query_check.toggled.connect(self._toggle_query)
         self.model_combo.currentIndexChanged.connect(self._model_chosen)
@@ -114,6 +122,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.refresh_layers()
         self.refresh_models(select=self.session.current_model())
         self.warm_up()
+        self.check_fit()
 
     # choices ----------------------------------------------------------------
     def refresh_layers(self, event=None) -> None:
@@ -128,6 +137,8 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
             self.image_combo.setCurrentText(pick)
         self.image_combo.blockSignals(False)
         self._update_channel_choices()
+        if self.image_combo.currentText() != current:
+            self.check_fit()
 
     def refresh_models(self, select: str | None = None) -> None:
         select = select or self.model_combo.currentData() or self.session.current_model()
@@ -140,10 +151,13 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.model_combo.blockSignals(False)
         self._model_chosen()
 
-    def set_model(self, key: str) -> None:
-        """Make ``key`` (a preset or model file) the current model of this viewer."""
+    def set_model(self, key: str, chosen: bool = True) -> None:
+        """Make ``key`` (a preset or model file) the current model of this viewer.
+
+        ``chosen``: the user's (or a script's) choice, never replaced by a suggestion."""
+        self._model_by_user = self._model_by_user or chosen
+        self.refresh_models(select=str(key))  # the combo first: the session's signal then agrees
         self.session.set_model(str(key))
-        self.refresh_models(select=str(key))
 
     def _model_chosen(self, *_) -> None:
         key = self.model_combo.currentData()
@@ -153,10 +167,45 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
             self.warm_up()
 
     def _session_model_changed(self, key: str) -> None:
-        if self.model_combo.currentData() != key:
+        if self.model_combo.currentData() != key:  # handed over by fine-tuning or a rollback
+            self._model_by_user = True
             self.refresh_models(select=key)
         else:
             self.warm_up()
+
+    def _user_chose_model(self, *_) -> None:
+        self._model_by_user = True
+        self.check_fit()
+
+    def check_fit(self, *_) -> None:
+        """Check (in a worker thread) whether the chosen image fits the model; until the user
+        picks a model, switch to the preset that fits the image. Warnings are shown in the dock."""
+        query = self.controller.fit_query(self.image_combo.currentText(), self.model_combo.currentData(),
+                                          may_switch=not self._model_by_user)
+        if query is None:
+            self.fit_label.setText("")
+            return
+        if self.fit_worker is not None:  # one at a time: check the latest choice when it ends
+            self._fit_pending = query
+            return
+        from ..controllers.segment import fit_advice
+
+        def finished():
+            self.fit_worker = None
+            if self._fit_pending is not None:
+                self._fit_pending = None
+                self.check_fit()
+
+        self.fit_worker = _workers.start(lambda: fit_advice(query), self._show_fit,
+                                         lambda exc: None, finished)
+
+    def _show_fit(self, advice: dict) -> None:
+        if self._fit_pending is not None:
+            return  # stale: a newer check follows
+        key = advice["model"]
+        if key and key != self.model_combo.currentData() and not self._model_by_user:
+            self.set_model(key, chosen=False)
+        self.fit_label.setText("\n".join(f"⚠ {w}" for w in advice["warnings"]))
 
     def _tile_chosen(self, value: int) -> None:
         self.session.tile = int(value)
