@@ -21,6 +21,13 @@ def small_model(tmp_path):
     return save_model(new_model("nuclei", config=SMALL, seed=0), tmp_path / "small.safetensors")
 
 
+def _segment(path, model, out, capsys) -> list[str]:
+    """``segment --attention`` on one file; the names of the files written."""
+    code = main(["segment", str(path), "--model", str(model), "--out", str(out), "--attention", "--device", "cpu"])
+    assert code == 0, capsys.readouterr().err
+    return sorted(p.name for p in out.iterdir())
+
+
 def _volume(shape, seed=0):
     return np.random.default_rng(seed).random(shape).astype(np.float32) * 100
 
@@ -29,10 +36,7 @@ def test_tiff_stack_gives_one_tiff_per_map_with_the_stack_shape(tmp_path, small_
     stack = _volume((5, 40, 48))  # not 3: tifffile would store (3, h, w) as planar RGB
     tifffile.imwrite(tmp_path / "stack.tif", stack)
     out = tmp_path / "out"
-    code = main(["segment", str(tmp_path / "stack.tif"), "--model", str(small_model), "--out", str(out),
-                 "--attention", "--device", "cpu"])
-    assert code == 0, capsys.readouterr().err
-    names = sorted(p.name for p in out.iterdir())
+    names = _segment(tmp_path / "stack.tif", small_model, out, capsys)
     assert names == sorted(["stack_labels.tif"] + [f"stack_attention_{m}.tif" for m in MAPS.values()])
     for map_name, slug in MAPS.items():
         path = out / f"stack_attention_{slug}.tif"
@@ -52,10 +56,7 @@ def test_nifti_gives_one_nifti_per_map_with_the_affine(tmp_path, small_model, ca
     affine[:3, 3] = [-12, 7, 30]
     nib.save(nib.Nifti1Image(vol, affine), tmp_path / "scan.nii.gz")
     out = tmp_path / "out"
-    code = main(["segment", str(tmp_path / "scan.nii.gz"), "--model", str(small_model), "--out", str(out),
-                 "--attention", "--device", "cpu"])
-    assert code == 0, capsys.readouterr().err
-    names = sorted(p.name for p in out.iterdir())
+    names = _segment(tmp_path / "scan.nii.gz", small_model, out, capsys)
     assert names == sorted(["scan_labels.nii.gz"] + [f"scan_attention_{m}.nii.gz" for m in MAPS.values()])
     labels = nib.load(out / "scan_labels.nii.gz")
     for slug in MAPS.values():
@@ -73,8 +74,7 @@ def test_attention_maps_in_files_equal_the_api_maps(tmp_path, small_model, capsy
     stack = _volume((2, 40, 48), seed=1)
     tifffile.imwrite(tmp_path / "s.tif", stack)
     out = tmp_path / "out"
-    assert main(["segment", str(tmp_path / "s.tif"), "--model", str(small_model), "--out", str(out),
-                 "--attention", "--device", "cpu"]) == 0
+    _segment(tmp_path / "s.tif", small_model, out, capsys)
     api = segment(stack, load_model(small_model), device="cpu", attention=True)
     for key in api.attention_keys.values():
         path = out / f"s_attention_{key.name.replace(' ', '-').replace('/', '-')}.tif"
