@@ -18,16 +18,19 @@ def argmax_labels(probs: np.ndarray, band: int = 512) -> np.ndarray:
     return out
 
 
-def classify(probs: np.ndarray, postprocess: dict) -> np.ndarray:
-    """(K, H, W) class probabilities -> (H, W) uint8 class ids.
+def classify(probs: np.ndarray, postprocess) -> np.ndarray:
+    """(K, ...) class probabilities -> (...) uint8 class ids.
 
     Two-class models with a calibrated ``threshold`` in their post-processing
-    settings: foreground where its probability exceeds it; otherwise argmax.
+    settings: foreground where its probability exceeds it; otherwise argmax
+    (in row bands for (K, H, W) planes).
     """
     thr = postprocess.get("threshold")
     if probs.shape[0] == 2 and thr is not None:
         return (probs[1] > thr).astype(np.uint8)
-    return argmax_labels(probs)
+    if probs.ndim == 3:
+        return argmax_labels(probs)
+    return np.argmax(probs, axis=0).astype(np.uint8)
 
 
 def split_instances(mask: np.ndarray, min_distance: int = 3, min_size: int = 15) -> np.ndarray:
