@@ -48,6 +48,8 @@ def test_settings_are_typed_and_validated():
     model.postprocess = {"instances": True, "min_size": 0}  # a mapping becomes the typed object
     assert isinstance(model.postprocess, Postprocess) and model.postprocess.min_size == 0
     assert model.instances is True
+    model.postprocess = {"instances": np.bool_(True), "min_size": np.int64(4)}  # NumPy scalars: their values
+    assert model.postprocess.min_size == 4 and type(model.postprocess.min_size) is int
     with pytest.raises(BadInputError, match="min_distance is out of range"):
         model.postprocess = {"instances": True, "min_distance": 0}
     with pytest.raises(BadInputError, match="not a known key"):

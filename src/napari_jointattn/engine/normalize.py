@@ -72,10 +72,18 @@ class Record(BaseModel):
             raise BadInputError(f"{cls.__name__.lower()} must be a mapping, got {type(value).__name__}")
         from pydantic import ValidationError
 
-        try:
-            return cls.model_validate(dict(value))
+        try:  # NumPy scalars (a computed size or threshold) count as the Python numbers they hold
+            return cls.model_validate({k: _plain(v) for k, v in dict(value).items()})
         except ValidationError as exc:
             raise BadInputError(f"invalid {cls.__name__.lower()} settings: {describe_error(exc)}") from None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 def describe_error(exc) -> str:
