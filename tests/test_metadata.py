@@ -66,7 +66,7 @@ def test_settings_are_typed_and_validated():
     with pytest.raises(ValidationError, match="frozen"):
         model.postprocess.min_size = 3
     bigger = model.postprocess.replace(min_size=40)
-    assert bigger.min_size == 40 and model.postprocess.min_size == 0
+    assert bigger.min_size == 40 and model.postprocess.min_size == 4
 
 
 def test_settings_read_like_the_dicts_they_replace():
