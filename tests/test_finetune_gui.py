@@ -9,19 +9,9 @@ from napari_jointattn.engine.models import load_model, new_model, save_model
 
 pytest.importorskip("napari")
 
+from _gui_helpers import wait_workers
+
 FAST = {"steps_per_epoch": 4, "crop": 64, "batch_size": 4}
-
-
-def wait_workers(timeout=60.0):
-    """Let background work (warm-up, summaries, compare) end before the viewer closes."""
-    from qtpy.QtWidgets import QApplication
-
-    from napari_jointattn.widgets import _workers
-
-    end = time.perf_counter() + timeout
-    while _workers.running() and time.perf_counter() < end:
-        QApplication.processEvents()
-        time.sleep(0.01)
 
 
 @pytest.fixture

@@ -10,6 +10,8 @@ from napari_jointattn.engine.models import new_model, save_model
 
 pytest.importorskip("napari")
 
+from _gui_helpers import wait_workers
+
 
 @pytest.fixture
 def bright_model(model_dir):
@@ -30,18 +32,6 @@ def bright_model(model_dir):
         refine_out.weight[1, 0, 0, 0] = 8.0
     model.postprocess = {"instances": True, "min_size": 5, "min_distance": 4}
     return save_model(model, model_dir / "bright.safetensors")
-
-
-def wait_workers(timeout=60.0):
-    """Let background work (the model warm-up) end before the viewer closes."""
-    from qtpy.QtWidgets import QApplication
-
-    from napari_jointattn.widgets import _workers
-
-    end = time.perf_counter() + timeout
-    while _workers.running() and time.perf_counter() < end:
-        QApplication.processEvents()
-        time.sleep(0.01)
 
 
 @pytest.fixture
@@ -252,25 +242,35 @@ def test_gui_stays_responsive_while_segmenting(qtbot, dock):
     assert gaps.max() < 1.0, f"event loop blocked for {gaps.max():.2f} s"
 
 
-def test_query_mode_heatmap_follows_the_click(qtbot, dock, blobs):
+def test_query_mode_heatmap_follows_the_click(qtbot, dock, blobs, monkeypatch):
+    import threading
+
     viewer, widget = dock
     image, _ = blobs
     viewer.add_image(np.tile(image, (2, 2)), name="cells")
     widget.tile_spin.setValue(128)
     widget.query_check.setChecked(True)
     assert widget._on_click in viewer.mouse_drag_callbacks
+    threads = []
+    real = widget.controller.query
+    monkeypatch.setattr(widget.controller, "query",
+                        lambda *a, **k: threads.append(threading.current_thread()) or real(*a, **k))
+
+    def click(position):
+        widget.query_at(position)
+        qtbot.waitUntil(lambda: widget.query_worker is None, timeout=30_000)
+        return viewer.layers["attention query"]
+
     start = time.perf_counter()
-    widget.query_at((20, 20))
-    first = viewer.layers["attention query"].data.copy()
-    widget.query_at((75, 80))  # same tile, another pixel
+    first = click((20, 20)).data.copy()
+    second = click((75, 80)).data.copy()  # same tile, another pixel
     elapsed = time.perf_counter() - start
-    second = viewer.layers["attention query"].data.copy()
     assert first.shape == (128, 128)
     assert not np.allclose(first, second)
-    widget.query_at((150, 200))  # another tile: the heatmap moves there
-    layer = viewer.layers["attention query"]
+    layer = click((150, 200))  # another tile: the heatmap moves there
     assert tuple(layer.translate) == (64.0, 112.0)  # the 128 tile, clipped to the 192 x 240 image
     assert elapsed < 5.0  # generous: two clicks, one forward pass of a 128 tile
+    assert len(threads) == 3 and threading.main_thread() not in threads  # computed off the GUI thread
     widget.query_check.setChecked(False)
     assert widget._on_click not in viewer.mouse_drag_callbacks
 

@@ -48,6 +48,8 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.worker = None
         self.warm_worker = None
         self.fit_worker = None
+        self.query_worker = None
+        self._query_pending: tuple | None = None
         self._model_by_user = False  # a model the user picked is never replaced by a suggestion
         self._fit_pending: tuple | None = None
         self._warming: tuple | None = None  # (model, tile, device) being warmed
@@ -373,19 +375,33 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
             return
         self.query_at(event.position)
 
-    def query_at(self, world_position):
-        """Show where the pixel at ``world_position`` looks (query mode's click)."""
-        try:
-            result, inp = self.controller.query(
-                self.image_combo.currentText(), self.model_combo.currentData(), world_position,
-                self.tile_spin.value(), self.channel_combo.currentData(),
-            )
-        except BadInputError as exc:
-            self._notify_error(str(exc))
-            return None
-        layer = self.controller.show_query(result, inp)
+    def query_at(self, world_position) -> None:
+        """Show where the pixel at ``world_position`` looks (query mode's click).
+
+        The attention row is computed in a worker thread (the first click in a
+        tile runs that tile through the network); clicks made meanwhile are
+        merged: only the latest is shown next.
+        """
+        args = (self.image_combo.currentText(), self.model_combo.currentData(), world_position,
+                self.tile_spin.value(), self.channel_combo.currentData())
+        if self.query_worker is not None:
+            self._query_pending = args
+            return
+        self.status.setText("Query: computing where this pixel looks…")
+
+        def finished():
+            self.query_worker = None
+            if self._query_pending is not None:
+                pending, self._query_pending = self._query_pending, None
+                self.query_at(pending[2])
+
+        self.query_worker = _workers.start(lambda: self.controller.query(*args), self._show_query,
+                                           self._error, finished)
+
+    def _show_query(self, value) -> None:
+        result, inp = value
+        self.controller.show_query(result, inp)
         self.status.setText(f"Query: where this pixel looks ({result.module}, tile at {result.origin})")
-        return layer
 
     def _toggle_attention_layers(self, checked: bool) -> None:
         for layer in attention_layers(self.viewer):
