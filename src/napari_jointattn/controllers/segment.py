@@ -248,10 +248,12 @@ class SegmentController:
                            translate=like.translate, metadata={PREDICTION_KEY: labels})
             steps.append(Step("labels", lambda layer=layer: self._add(layer)))
         if request.attention:
+            shown = {}
             for key, data in result.attention.items():
                 lname, pointwise = attention_layer_name(key)
                 small, scale, translate = downsample(data, like.scale, like.translate,
                                                      attention_factor(data.shape))
+                shown[key] = small
                 meta = {"jointattn_source": request.layer_name, "jointattn_map": key,
                         "jointattn_downsampled": attention_factor(data.shape)}
                 old = self.viewer.layers[lname] if lname in self.viewer.layers else None  # noqa: SIM401
@@ -262,6 +264,7 @@ class SegmentController:
                                   blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0),
                                   scale=scale, translate=translate, metadata=meta, visible=pointwise)
                     steps.append(Step(lname, lambda layer=layer: self._add(layer)))
+            result.attention = shown  # the full-size maps of a huge image are not kept
         return steps
 
     def _check_input(self, request: Request, result) -> None:
