@@ -200,7 +200,20 @@ def test_segment_attention_maps(blobs):
     }
     for m in res.attention.values():
         assert m.shape == image.shape and m.dtype == np.float32
-        assert 0 < m.min() and m.max() < 1
+    # one tile covers the image: each map is the network's map at feature
+    # resolution, upsampled bilinearly to the padded extent and cropped
+    model = new_model("nuclei", seed=0)
+    net = model.net.eval()
+    x, _ = normalize(image[None], None, tuple(model.normalization["percentiles"]))
+    _, found = net.inspect(torch.from_numpy(x)[None])
+    h, w = image.shape
+    for key in net.map_keys():
+        m = found[key.module.name][key.map].float()[:, None]
+        s = key.stride
+        assert m.shape[-2:] == (-(-h // s), -(-w // s))
+        up = torch.nn.functional.interpolate(m, size=(m.shape[-2] * s, m.shape[-1] * s), mode="bilinear",
+                                             align_corners=False)[0, 0, :h, :w].numpy()
+        np.testing.assert_allclose(res.attention[key.name], up, rtol=1e-4, atol=1e-5)
 
 
 def test_segment_cancel(blobs):

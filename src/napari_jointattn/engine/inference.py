@@ -100,16 +100,16 @@ def attention_map_keys(model: Model) -> list[AttentionKey]:
     return model.net.map_keys()
 
 
-def _upsampled_map(m: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def _upsampled_map(m: torch.Tensor, size: Sequence[int], stride: int) -> torch.Tensor:
     """(B, h, w) map at feature resolution -> (B, 1, H, W) over a tile of ``size``.
 
-    The map covers ceil(H / stride) cells: upsample to the padded extent, then
-    crop to the tile.
+    The map covers ceil(H / stride) cells of ``stride`` pixels: upsample to
+    that padded extent, then crop to the tile. (The stride comes from the
+    map's key: ceil(H / cells) differs from it when H is not a multiple.)
     """
     m = m.float()[:, None]
-    stride = math.ceil(size[0] / m.shape[-2]), math.ceil(size[1] / m.shape[-1])
-    full = F.interpolate(m, size=(m.shape[-2] * stride[0], m.shape[-1] * stride[1]),
-                         mode="bilinear", align_corners=False)
+    full = F.interpolate(m, size=(m.shape[-2] * stride, m.shape[-1] * stride), mode="bilinear",
+                         align_corners=False)
     return full[..., : size[0], : size[1]]
 
 
@@ -150,7 +150,8 @@ def predict_slice(
             else:
                 logits = net(batch)
         out = [torch.softmax(logits.float()[:, :k], dim=1)]
-        out += [_upsampled_map(found[key.module.name][key.map], batch.shape[-2:]) for key in map_keys]
+        out += [_upsampled_map(found[key.module.name][key.map], batch.shape[-2:], key.stride)
+                for key in map_keys]
         return torch.cat(out, dim=1)
 
     inputs = torch.from_numpy(np.ascontiguousarray(x))[None]
