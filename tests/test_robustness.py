@@ -408,14 +408,14 @@ def test_existing_outputs_elsewhere_are_skipped_by_name(tmp_path, instance_model
     for name in ("a", "b", "c"):
         tifffile.imwrite(src / f"{name}.tif", np.random.default_rng(1).random((40, 40)).astype(np.float32))
     (out / "a_labels.tif").write_bytes(b"mine")
-    (out / "b_attention_joint-1-8.tif").write_bytes(b"mine too")
+    (out / "b_attention_joint-1-8-mix.tif").write_bytes(b"mine too")
     code, stdout, err = _seg(["segment", src, "--model", instance_model_file, "--out", out, "--attention"],
                              capsys)
     assert code == 0, err
     assert (out / "a_labels.tif").read_bytes() == b"mine"
-    assert (out / "b_attention_joint-1-8.tif").read_bytes() == b"mine too"
+    assert (out / "b_attention_joint-1-8-mix.tif").read_bytes() == b"mine too"
     assert not (out / "b_labels.tif").exists()  # an input is done whole or not at all
-    assert (out / "c_labels.tif").exists() and (out / "c_attention_joint-1-8.tif").exists()
+    assert (out / "c_labels.tif").exists() and (out / "c_attention_joint-1-8-mix.tif").exists()
     skipped = [line for line in err.splitlines() if line.startswith("skipped")]
     assert len(skipped) == 2 and "a.tif" in skipped[0] and "b.tif" in skipped[1]
 
