@@ -46,8 +46,8 @@ __all__ = ["CURRENT", "PREDICTION_KEY", "FinetuneController", "FinetuneDock"]  #
 SUMMARY_DEBOUNCE_MS = 400
 #: the status line reports training steps at most this often
 PROGRESS_EVERY_S = 1.0
-PAIR_HINT = ("Pick an image and a Labels layer of its size, then Add pair. "
-             "A Labels layer named '<image> labels' pairs by itself.")
+PAIR_HINT = ("Pair an image with any Labels layer of its size (Add pair); "
+             "a Labels layer named '<image> labels' pairs by itself.")
 
 
 class FinetuneDock(_workers.WorkerDockMixin, QWidget):
@@ -123,16 +123,18 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         pair_row.addWidget(self.add_pair_button)
         pair_row.addWidget(self.remove_pair_button)
         form.addRow("", pair_row)
-        form.addRow("", self.pair_hint)
-        form.addRow("Pairs", self.pairs_list)
-        form.addRow("Start model", self.start_combo)
-        form.addRow("Time budget", self.seconds_spin)
-        form.addRow("Epochs", self.epochs_spin)
-        form.addRow("Learning rate", self.lr_spin)
-        form.addRow("Validation fraction", self.val_spin)
-        form.addRow("Device", self.device_combo)
+        settings = QFormLayout()
+        settings.addRow("Pairs", self.pairs_list)
+        settings.addRow("Start model", self.start_combo)
+        settings.addRow("Time budget", self.seconds_spin)
+        settings.addRow("Epochs", self.epochs_spin)
+        settings.addRow("Learning rate", self.lr_spin)
+        settings.addRow("Validation fraction", self.val_spin)
+        settings.addRow("Device", self.device_combo)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
+        layout.addWidget(self.pair_hint)
+        layout.addLayout(settings)
         layout.addWidget(self.summary_label)
         layout.addWidget(self.augment_check)
         layout.addWidget(self.weight_check)
