@@ -5,12 +5,13 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-from _helpers import rewrite_metadata, simulate_cuda_oom
 import tifffile
 import torch
+from _helpers import rewrite_metadata, simulate_cuda_oom
 
 from napari_jointattn import BadInputError, Cancelled, evaluate, load_model, segment
 from napari_jointattn.engine import imageio
+from napari_jointattn.engine.inference import count_windows, prepare_channels
 from napari_jointattn.engine.labels import to_classes
 from napari_jointattn.engine.metrics import confusion, match_instances, overlap_scores
 from napari_jointattn.engine.models import (
@@ -22,7 +23,6 @@ from napari_jointattn.engine.models import (
 )
 from napari_jointattn.engine.normalize import normalize
 from napari_jointattn.engine.postprocess import split_instances
-from napari_jointattn.engine.inference import count_windows, prepare_channels
 from napari_jointattn.model import AttentionKey
 
 
@@ -512,7 +512,7 @@ def test_plane_bands_cover_every_row_once(h, w, band):
 
 def test_banded_segmentation_matches_whole_plane(monkeypatch):
     """A huge plane is processed in row bands; the result matches one pass over the whole plane."""
-    import napari_jointattn.engine.inference as inference
+    from napari_jointattn.engine import inference
 
     model = load_model("nuclei")
     rng = np.random.default_rng(1)

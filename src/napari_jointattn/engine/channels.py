@@ -33,10 +33,10 @@ def prepare_channels(
         if not -arr.ndim <= channel_axis < arr.ndim:
             raise BadInputError(f"channel axis {channel_axis} does not exist in shape {arr.shape}")
         arr = np.moveaxis(arr, channel_axis, -1)
-    elif arr.ndim == 3 and arr.shape[-1] in (3, 4) and min(arr.shape[:2]) > 4:
-        pass
-    elif in_channels > 1 and arr.ndim >= 3 and arr.shape[-1] == in_channels:
-        pass
+    elif (arr.ndim == 3 and arr.shape[-1] in (3, 4) and min(arr.shape[:2]) > 4) or (
+        in_channels > 1 and arr.ndim >= 3 and arr.shape[-1] == in_channels
+    ):
+        pass  # RGB(A), or the model's channels last
     elif in_channels > 1 and arr.ndim >= 3 and arr.shape[0] == in_channels:
         arr = np.moveaxis(arr, 0, -1)
     else:

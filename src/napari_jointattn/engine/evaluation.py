@@ -11,10 +11,10 @@ import numpy as np
 from .checks import check_axis, to_array
 from .errors import BadInputError
 from .imageio import ImageFile, read_image, read_labels
+from .inference import Callback, segment
 from .labels import to_classes
 from .metrics import confusion, hd95, instance_ids, match_instances, overlap_scores
 from .models import Model, load_model
-from .inference import Callback, segment
 
 
 def _nan_to_none(x: float) -> float | None:

@@ -11,7 +11,7 @@ from scipy import ndimage as ndi
 
 def argmax_labels(probs: np.ndarray, band: int = 512) -> np.ndarray:
     """(K, H, W) scores -> (H, W) uint8 class ids, in row bands to bound memory."""
-    k, h, w = probs.shape
+    _, h, w = probs.shape
     out = np.empty((h, w), dtype=np.uint8)
     for r in range(0, h, band):
         out[r : r + band] = np.argmax(probs[:, r : r + band], axis=0)
