@@ -722,3 +722,25 @@ def test_atomic_writes_never_change_the_process_umask(tmp_path, monkeypatch):
     plain = tmp_path / "plain.bin"
     plain.write_bytes(b"x")  # what a plain open() gives
     assert mode == stat.S_IMODE(plain.stat().st_mode)
+
+
+def test_inference_network_never_moves_or_switches_the_shared_network():
+    from napari_jointattn.engine.placement import inference_network, release
+
+    model = new_model("nuclei", seed=0)  # a fresh network is in training mode
+    net = model.net
+    assert net.training
+    run = inference_network(net, "cpu")
+    assert run is not net and not run.training and net.training  # a copy in eval mode
+    assert inference_network(net, "cpu") is run  # cached while the weights are unchanged
+    with torch.no_grad():
+        net.classifier.bias.add_(1.0)  # training in place
+    fresh = inference_network(net, "cpu")
+    assert fresh is not run and torch.equal(fresh.classifier.bias, net.classifier.bias)
+    meta = inference_network(net, "meta")
+    assert next(meta.parameters()).device.type == "meta"
+    assert all(p.device.type == "cpu" for p in net.parameters())
+    release(net, "meta")
+    assert inference_network(net, "meta") is not meta
+    net.eval()
+    assert inference_network(net, "cpu") is net  # already there, in eval mode: used as it is

@@ -37,7 +37,7 @@ from .errors import BadInputError, Cancelled
 from .imageio import ImageFile, read_image
 from .models import Model, load_model
 from .normalize import normalize, percentile_range
-from .placement import inference_network
+from .placement import inference_network, release
 from .postprocess import classify, split_instances
 
 __all__ = [
@@ -339,8 +339,11 @@ def predict_band(model: Model, x: np.ndarray, place: Placement, tile: int, overl
                 tile_now //= 2
                 notes.append(f"CUDA out of memory: retrying with {tile_now}-pixel tiles")
             else:
+                failed = place.device
                 cpu = Placement.on(model, torch.device("cpu"))
                 place.device, place.net = cpu.device, cpu.net
+                release(model.net, failed)  # the copy's memory goes back to the device
+                free_cache(failed)
                 notes.append("CUDA out of memory at the smallest tile: fell back to the CPU")
 
 

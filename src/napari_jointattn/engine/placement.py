@@ -65,3 +65,9 @@ def inference_network(net: nn.Module, device: str | torch.device) -> nn.Module:
         twin = copy.deepcopy(net).to(device).eval()
         _COPIES.setdefault(net, {})[_device_key(device)] = (fingerprint, twin)
         return twin
+
+
+def release(net: nn.Module, device: str | torch.device) -> None:
+    """Drop the cached copy of ``net`` on ``device`` (e.g. after running out of memory there)."""
+    with _LOCK:
+        _COPIES.get(net, {}).pop(_device_key(torch.device(device)), None)
