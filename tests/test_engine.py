@@ -727,9 +727,8 @@ def test_atomic_writes_never_change_the_process_umask(tmp_path, monkeypatch):
 def test_inference_network_never_moves_or_switches_the_shared_network():
     from napari_jointattn.engine.placement import inference_network, release
 
-    model = new_model("nuclei", seed=0)  # a fresh network is in training mode
-    net = model.net
-    assert net.training
+    model = new_model("nuclei", seed=0)
+    net = model.net.train()  # e.g. being fine-tuned
     run = inference_network(net, "cpu")
     assert run is not net and not run.training and net.training  # a copy in eval mode
     assert inference_network(net, "cpu") is run  # cached while the weights are unchanged
