@@ -323,9 +323,9 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         step = self._steps.pop(0)
         try:
             step.run()
-        except BadInputError as exc:
+        except Exception as exc:  # noqa: BLE001  (the run must end, whatever a layer raised)
             self._steps = []
-            self._notify_error(str(exc))
+            self._error(exc)
             self._maybe_end()
             return
         if self._steps:
