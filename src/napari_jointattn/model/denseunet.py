@@ -146,6 +146,28 @@ class DenseUNetConfig:
         return cls(**base)
 
 
+class Dropout2d(nn.Module):
+    """Channel dropout that draws from ``generator`` when one is set.
+
+    Training sets a generator of its own, so that a run is reproducible and
+    never touches the process's global random state (training runs in a
+    worker thread inside napari). Without one, the global RNG is used, as
+    ``nn.Dropout2d`` does. No parameters: state dicts are unchanged.
+    """
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.empty(x.shape[:2] + (1,) * (x.ndim - 2))  # on the CPU, where the generator is
+        keep.bernoulli_(1 - self.p, generator=self.generator)
+        return x * keep.to(device=x.device, dtype=x.dtype) / (1 - self.p)
+
+
 class DenseLayer(nn.Module):
     """Norm-ReLU-1x1(bottleneck*k)-norm-ReLU-3x3(k), output concatenated to input.
 
@@ -248,7 +270,7 @@ class DenseUNet(nn.Module):
         for i, skip_ch in enumerate(reversed(skip_channels[:-1])):
             self.laterals.append(nn.Conv2d(skip_ch, dec[i], 1, bias=False))
             self.fuse.append(conv_bn_relu(dec[i], dec[i + 1], norm=c.norm))
-        self.dropout = nn.Dropout2d(c.dropout)
+        self.dropout = Dropout2d(c.dropout)
         n_out = c.num_classes
         self.classifier = nn.Conv2d(dec[-1], n_out, 1)
         # Classifying at 1/2 and upsampling is cheap; a small residual head at

@@ -1,0 +1,137 @@
+"""The training package's parts on their own: random state, loss, schedule, augmentation sync."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from napari_jointattn.engine.models import new_model
+from napari_jointattn.engine.training import TrainSettings, masked_loss, train
+from napari_jointattn.engine.training.augment import CropCentres, _crop_batch
+from napari_jointattn.engine.training.data import Sample
+from napari_jointattn.engine.training.schedule import _set_lr
+
+FAST = dict(epochs=2, steps_per_epoch=3, batch_size=2, crop=64, device="cpu")
+
+
+def test_training_leaves_the_global_random_state_alone(blobs):
+    """Training runs in a worker thread inside napari: it must not reseed the process's RNGs."""
+    image, labels = blobs
+    start = new_model("nuclei", seed=0)
+    torch.manual_seed(1234)
+    np.random.seed(1234)
+    random.seed(1234)
+    before = torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate()
+    train(start, [image], [labels], seed=5, **FAST)
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert np.array_equal(np.random.get_state()[1], before[1])
+    assert random.getstate() == before[2]
+
+
+def test_same_seed_same_weights_whatever_the_global_state(blobs):
+    """Dropout and augmentation draw from the run's own generators, not the global one."""
+    image, labels = blobs
+    runs = []
+    for global_seed in (1, 2):
+        start = new_model("nuclei", seed=0)
+        torch.manual_seed(global_seed)
+        runs.append(train(start, [image], [labels], seed=5, **FAST).model)
+    assert any(m.p > 0 for m in runs[0].net.modules() if type(m).__name__ == "Dropout2d")
+    for (k, x), y in zip(runs[0].net.state_dict().items(), runs[1].net.state_dict().values()):
+        assert torch.equal(x, y), k
+
+
+def test_new_classes_give_a_seeded_head(blobs):
+    image, labels = blobs
+    heads = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        result = train("nuclei", [image], [labels > 0], classes=["bg", "a", "b"], seed=3,
+                       epochs=1, steps_per_epoch=1, batch_size=1, crop=64, device="cpu")
+        heads.append([p.detach().clone() for m in result.model.net.head_modules() for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*heads))
+
+
+def test_masked_loss_gives_no_gradient_to_unannotated_pixels():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 8, 8, requires_grad=True)
+    target = torch.randint(0, 2, (1, 8, 8))
+    mask = torch.zeros(1, 8, 8, dtype=torch.bool)
+    mask[:, :4] = True  # the top half is annotated
+    weight = torch.ones(1, 8, 8)
+    masked_loss(logits, target, mask, weight, 2).backward()
+    grad = logits.grad.abs().sum(1)[0]
+    assert (grad[4:] == 0).all()  # unannotated: no gradient at all
+    assert (grad[:4] > 0).all()
+    # what an unannotated pixel holds does not change the loss
+    other = target.clone()
+    other[:, 4:] = 1 - other[:, 4:]
+    assert torch.isclose(masked_loss(logits, target, mask, weight, 2), masked_loss(logits, other, mask, weight, 2))
+
+
+def test_masked_loss_weights_pixels():
+    logits = torch.zeros(1, 2, 4, 4)
+    logits[:, 1, :, :2] = 3.0  # confident class 1 on the left
+    target = torch.zeros(1, 4, 4, dtype=torch.long)  # but the reference is class 0 everywhere
+    mask = torch.ones(1, 4, 4, dtype=torch.bool)
+    left = torch.ones(1, 4, 4)
+    left[..., 2:] = 0.01
+    right = torch.ones(1, 4, 4)
+    right[..., :2] = 0.01
+    # weighting the wrong pixels up raises the cross-entropy term
+    assert masked_loss(logits, target, mask, left, 2, dice_weight=0) > masked_loss(
+        logits, target, mask, right, 2, dice_weight=0)
+
+
+def test_schedule_warms_up_then_decays_to_five_percent():
+    settings = TrainSettings(epochs=10, steps_per_epoch=10, lr=1e-2)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    total = settings.epochs * settings.steps_per_epoch
+    lrs = []
+    for step in range(1, total + 1):
+        _set_lr(opt, settings, step / total, elapsed=0.0)
+        lrs.append(opt.param_groups[0]["lr"])
+    assert lrs[0] == pytest.approx(1e-2 / 20 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * 0.01))))
+    assert np.argmax(lrs) == 19  # warm-up over the first 20 steps
+    assert all(a >= b for a, b in zip(lrs[19:], lrs[20:]))  # then only down
+    assert lrs[-1] == pytest.approx(0.05 * 1e-2)
+    # a time budget drives the decay when it runs out first
+    timed = TrainSettings(epochs=10, steps_per_epoch=10, lr=1e-2, max_seconds=10.0)
+    _set_lr(opt, timed, 0.3, elapsed=10.0)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 1e-2)
+
+
+def test_augmentation_keeps_image_labels_mask_and_weights_in_sync():
+    """Each of image, target, mask and weight is cut and turned alike: their pixels stay paired."""
+    h, w = 40, 56
+    yy, xx = np.mgrid[:h, :w]
+    code = (yy * w + xx).astype(np.float32)  # every pixel's own value
+    sample = Sample(image=code[None].copy(), target=(code % 3).astype(np.int64), train_mask=(code % 5) > 0,
+                    val_mask=np.zeros((h, w), bool), weight=(code % 7).astype(np.float32), source=0, index=0)
+    # with the intensity part off, the exact codes give the check
+    plain = TrainSettings(batch_size=8, crop=32, scale_range=(1.0, 1.0), augment=True)
+    from napari_jointattn.engine.training import augment as aug
+
+    saved = aug._intensity
+    aug._intensity = lambda x, rng, bias_field: x
+    try:
+        batches = [_crop_batch([sample], plain, np.random.default_rng(seed), CropCentres([sample], "annotated"))
+                   for seed in range(8)]
+    finally:
+        aug._intensity = saved
+    turned = []
+    for x, t, m, wt in batches:
+        for i in range(x.shape[0]):
+            c = torch.round(x[i, 0]).long()
+            inside = wt[i] != 0  # padding of the weight map is 0 (some inner pixels too: code % 7 == 0)
+            assert inside.sum() > 100
+            assert torch.equal(t[i][inside], (c[inside] % 3))
+            assert torch.equal(m[i][inside], (c[inside] % 5) > 0)
+            assert torch.equal(wt[i][inside], (c[inside] % 7).float())
+            # neighbours along a row differ by 1 in the code (unturned) or by a row (turned 90 degrees)
+            pair = inside[:, 1:] & inside[:, :-1]
+            steps = (c[:, 1:] - c[:, :-1]).abs()[pair]
+            assert len(torch.unique(steps)) == 1 and int(steps[0]) in (1, w)
+            turned.append(int(steps[0]) == w)
+    assert any(turned) and not all(turned)  # both turned and unturned crops were drawn
