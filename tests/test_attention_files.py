@@ -79,3 +79,16 @@ def test_attention_maps_in_files_equal_the_api_maps(tmp_path, small_model, capsy
     for key in api.attention_keys.values():
         path = out / f"s_attention_{key.name.replace(' ', '-').replace('/', '-')}.tif"
         np.testing.assert_array_equal(tifffile.imread(path), api.attention[key.name])
+
+
+def test_plan_names_nifti_attention_outputs_like_the_files_written(tmp_path):
+    """A NIfTI input's attention maps are written as .nii.gz: the plan names them so, and a
+    later run over the folder recognises them as outputs, not images."""
+    from pathlib import Path
+
+    from napari_jointattn.engine.batch import is_output_name, output_paths
+
+    paths = output_paths(Path("brain.nii.gz"), tmp_path, ["joint 1/8"])
+    assert [p.name for p in paths] == ["brain_labels.nii.gz", "brain_attention_joint-1-8.nii.gz"]
+    assert is_output_name("brain_attention_joint-1-8.nii.gz") and is_output_name("cells_attention_joint-1-8.tif")
+    assert not is_output_name("brain.nii.gz")

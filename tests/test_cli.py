@@ -105,8 +105,6 @@ def test_models_does_not_import_torch(model_dir, saved_model):
     assert "not a valid safetensors model file" in rows["broken"]["error"]
 
 
-@pytest.mark.xfail(strict=True, reason="one labels dtype: needs engine/imageio.py (label_dtype -> int32) "
-                   "and engine/inference.py (int32 labels for class models too)")
 def test_labels_are_int32_in_files_and_from_the_api(tmp_path, blobs, capsys):
     """One dtype everywhere, so napari users can paint ids above 255 into any result."""
     from napari_jointattn import segment

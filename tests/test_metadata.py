@@ -133,7 +133,7 @@ def test_bundled_presets_load_and_say_what_they_were_trained_on(preset, dims, mo
     (lambda m: m.update(classes=["background", "background"]), "duplicate class names"),
     (lambda m: m.update(classes=["a", "b", "c"]), "3 class names for a 2-class network"),
     (lambda m: m["postprocess"].update(threshold=1.5), "postprocess.threshold is out of range"),
-    (lambda m: m["postprocess"].update(distance_channel=True), "needs a network with aux_channels >= 1"),
+    (lambda m: m["postprocess"].update(distance_channel=True), "distance_channel is no longer supported"),
     (lambda m: m["provenance"].update(data_statistics={"dims": 4, "channels": 1, "dtype": "uint8"}),
      "provenance.data_statistics.dims must be 2 or 3"),
     (lambda m: m.update(scores=[]), "scores must be an object"),

@@ -126,7 +126,9 @@ def test_time_budget(blobs):
     result = train("nuclei", [image], [labels], epochs=1000, steps_per_epoch=5, batch_size=2,
                    crop=64, max_seconds=3, patience=1, device="cpu")
     # the whole budget is used: patience does not cut a time-budgeted run short
-    assert result.stopped == "time budget" and 3 <= result.seconds < 30
+    assert result.stopped == "time budget" and result.seconds >= 3
+    # it stops soon after: within a step and a validation pass, generous for a busy machine
+    assert result.seconds < 3 + 60
 
 
 def test_other_classes_keep_encoder_and_reinit_head(tmp_path):

@@ -7,7 +7,7 @@ Rules (the command line's ``segment``; API users can call :func:`plan_segment`):
 * An input whose path is an output this run would write is skipped; so is a
   file found by expanding a folder that is also the output folder and whose
   name is an output name (``*_labels.tif``, ``*_labels.nii.gz``,
-  ``*_attention_*.tif``): it is the result of an earlier run, not an image.
+  ``*_attention_*.tif`` / ``.nii.gz``): it is the result of an earlier run, not an image.
 * An existing file is never replaced unless ``overwrite`` is true: an input
   whose outputs exist is skipped, with the reason.
 """
@@ -23,7 +23,7 @@ from .errors import BadInputError
 from .imageio import SUPPORTED, file_format, output_stem
 
 LABELS_SUFFIX = "_labels"
-_OUTPUT_NAME = re.compile(r".+(_labels\.(tif|nii\.gz)|_attention_[A-Za-z0-9-]+\.tif)$", re.IGNORECASE)
+_OUTPUT_NAME = re.compile(r".+(_labels|_attention_[A-Za-z0-9-]+)\.(tif|nii\.gz)$", re.IGNORECASE)
 
 
 def slug(name: str) -> str:
@@ -36,7 +36,7 @@ def output_paths(path: Path, out: Path, attention_modules: list[str] | None = No
     stem = output_stem(path)
     suffix = ".nii.gz" if file_format(path) == "nifti" else ".tif"
     paths = [out / f"{stem}{LABELS_SUFFIX}{suffix}"]
-    paths += [out / f"{stem}_attention_{slug(m)}.tif" for m in attention_modules or []]
+    paths += [out / f"{stem}_attention_{slug(m)}{suffix}" for m in attention_modules or []]
     return paths
 
 

@@ -321,8 +321,8 @@ def _check_spatial(img: ImageFile) -> None:
 
 
 def label_dtype(labels: np.ndarray) -> np.dtype:
-    top = int(labels.max()) if labels.size else 0
-    return np.dtype(np.uint16 if top < 2**16 else np.uint32)
+    """int32 everywhere (files, the API, napari layers), so users can paint any new id."""
+    return np.dtype(np.int32)
 
 
 def _write_nifti(path: Path, data: np.ndarray, like: ImageFile | None, overwrite: bool) -> Path:

@@ -36,7 +36,7 @@ from .devices import autocast, describe_device, free_cache, is_out_of_memory, re
 from .errors import BadInputError, Cancelled
 from .imageio import ImageFile, read_image
 from .models import Model, load_model
-from .normalize import normalize, percentile_range
+from .normalize import normalize
 from .placement import inference_network, release
 from .postprocess import classify, split_instances
 
@@ -296,11 +296,10 @@ def prepare_input(image, model: Model, axis: int | None = None, channel_axis: in
     todo = list(range(n)) if slices is None else sorted({int(s) for s in slices})
     if any(not 0 <= s < n for s in todo):
         raise BadInputError(f"slice indices must be in [0, {n - 1}]")
-    pct = tuple(model.normalization.get("percentiles", (1.0, 99.8)))
     if data.dtype.kind == "f" and not np.isfinite(data).any():
         raise BadInputError("the image has no finite pixel (all NaN or infinite)")
-    per_volume = model.normalization.get("per") == "volume" and ax is not None
-    return Planes(data, ax, todo, pct, percentile_range(data, *pct) if per_volume else None)
+    norm = model.normalization
+    return Planes(data, ax, todo, norm.percentiles, norm.volume_range(data, is_stack=ax is not None))
 
 
 # ------------------------------------------------------------ forward pass
@@ -377,7 +376,7 @@ class Assembly:
         n, (h, w) = planes.data.shape[0], planes.plane_shape
         self.planes = planes
         self.instances = instances
-        self.labels = np.zeros((n, h, w), dtype=np.int32 if instances else np.uint8)
+        self.labels = np.zeros((n, h, w), dtype=np.int32)  # one dtype: users paint any id
         self.map_keys = map_keys
         self.maps = [np.zeros((n, h, w), dtype=np.float32) for _ in map_keys]
         self.next_id = 0

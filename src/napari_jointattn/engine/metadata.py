@@ -189,7 +189,7 @@ class Metadata(BaseModel):
         if self.config.num_classes != len(self.classes):
             raise ValueError(f"{len(self.classes)} class names for a {self.config.num_classes}-class network")
         if self.postprocess.distance_channel and self.config.aux_channels < 1:
-            raise ValueError("postprocess.distance_channel needs a network with aux_channels >= 1")
+            raise ValueError("postprocess.distance_channel is no longer supported (no model is trained with it)")
         if self.provenance.get(STATISTICS_KEY) is not None:
             try:
                 DataStatistics.model_validate(self.provenance[STATISTICS_KEY])

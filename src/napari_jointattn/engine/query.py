@@ -20,7 +20,7 @@ from ..model import AttentionKey
 from .channels import prepare_channels
 from .errors import BadInputError
 from .models import Model, load_model
-from .normalize import normalize, percentile_range
+from .normalize import normalize
 from .placement import inference_network
 
 
@@ -74,13 +74,8 @@ class AttentionQuery:
         self.key = by_name[wanted] if wanted is not None else candidates[-1]
         self.module_name = self.key.name
         self.stride = self.key.stride
-        pct = tuple(self.model.normalization.get("percentiles", (1.0, 99.8)))
-        self._pct = pct
-        self._range = (
-            percentile_range(self.data, *pct)
-            if self.is_stack and self.model.normalization.get("per") == "volume"
-            else None
-        )
+        self._pct = self.model.normalization.percentiles
+        self._range = self.model.normalization.volume_range(self.data, self.is_stack)
         self._cache: dict[tuple, tuple[torch.Tensor, torch.nn.Module]] = {}
 
     @property

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..inference import prepare_channels
+from ..channels import prepare_channels
 from ..checks import check_axis, check_classes, to_array
 from ..errors import BadInputError
 from ..imageio import ImageFile, read_image, read_labels
 from ..labels import to_classes
 from ..models import Model
-from ..normalize import normalize, percentile_range
+from ..normalize import normalize
 from ..split import split_samples
 
 
@@ -79,7 +79,7 @@ def build_samples(
             checked.append(w)
         weights = checked
     k = model.num_classes
-    pct = tuple(model.normalization.get("percentiles", (1.0, 99.8)))
+    pct = model.normalization.percentiles
     planes: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
     for i, (image, label) in enumerate(zip(images, labels)):
         arr, ch, default_ax, lab = _load(image, label)
@@ -99,7 +99,7 @@ def build_samples(
             lab = np.moveaxis(lab, ax, 0)
             mask = None if mask is None else np.moveaxis(mask, ax, 0)
             wmap = None if wmap is None else np.moveaxis(wmap, ax, 0)
-            rng_ = percentile_range(data, *pct) if model.normalization.get("per") == "volume" else None
+            rng_ = model.normalization.volume_range(data)
         else:
             data, cls, lab = data[None], cls[None], lab[None]
             mask = None if mask is None else mask[None]

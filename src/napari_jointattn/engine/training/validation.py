@@ -59,10 +59,9 @@ def validation_dice(model: Model, samples: list[Sample], device: torch.device, s
 
 def classes_from_probs(model: Model, probs: torch.Tensor) -> np.ndarray:
     """Class per pixel (probs: classes first) as segment() decides it: argmax, or a threshold."""
-    thr = model.postprocess.get("threshold")
-    if model.num_classes == 2 and thr is not None:
-        return (probs[1] > thr).numpy().astype(np.int64)
-    return probs.argmax(0).numpy()
+    from ..postprocess import classify
+
+    return classify(probs.numpy(), model.postprocess).astype(np.int64)
 
 
 THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(2, 20))  # 0.10 ... 0.95
