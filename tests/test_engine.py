@@ -743,3 +743,18 @@ def test_inference_network_never_moves_or_switches_the_shared_network():
     assert inference_network(net, "meta") is not meta
     net.eval()
     assert inference_network(net, "cpu") is net  # already there, in eval mode: used as it is
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_progress_reaches_its_total_whatever_the_batch_size(batch_size):
+    """Windows run in batches: the reports count windows, not batches."""
+    model = new_model("nuclei", seed=0)
+    image = np.random.default_rng(0).random((150, 170)).astype(np.float32)
+    seen = []
+    segment(image, model, device="cpu", tile=64, overlap=0.25, batch_size=batch_size,
+            callback=lambda info: seen.append((info["done"], info["total"])))
+    total = seen[-1][1]
+    assert total == count_windows(image.shape, 64, 0.25) > 3
+    assert seen[-1][0] == total
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and len(set(done[1:])) == len(done) - 1

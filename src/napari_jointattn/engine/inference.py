@@ -121,7 +121,7 @@ def predict_slice(
     overlap: float = 0.25,
     batch_size: int = 1,
     maps: bool = False,
-    on_window: Callable[[], None] | None = None,
+    on_window: Callable[[int], None] | None = None,
     *,
     net: nn.Module | None = None,
 ) -> torch.Tensor:
@@ -143,7 +143,7 @@ def predict_slice(
 
     def predictor(batch: torch.Tensor) -> torch.Tensor:
         if on_window is not None:
-            on_window()
+            on_window(batch.shape[0])  # a batch holds up to batch_size windows
         with autocast(device):
             if maps:
                 logits, found = net.inspect(batch)
@@ -316,7 +316,7 @@ class Placement:
 
 
 def predict_band(model: Model, x: np.ndarray, place: Placement, tile: int, overlap: float,
-                 batch_size: int, maps: bool, on_window: Callable[[], None] | None,
+                 batch_size: int, maps: bool, on_window: Callable[[int], None] | None,
                  notes: list[str]) -> torch.Tensor:
     """:func:`predict_slice` on one band; on CUDA out of memory halve the tile, then use the CPU.
 
@@ -465,9 +465,12 @@ class _Progress:
         ) is False:
             raise Cancelled("segmentation cancelled")
 
-    def on_window(self) -> None:
-        self.report(f"tile {self.done + 1}/{self.total} on {self.place.device.type}")
-        self.done += 1
+    def on_window(self, n: int = 1) -> None:
+        """``n`` windows are about to run; reports count the windows finished or started."""
+        first = self.done + 1
+        self.done += n
+        span = f"tile {first}" if n == 1 else f"tiles {first}-{self.done}"
+        self.report(f"{span}/{self.total} on {self.place.device.type}")
 
 
 def segment(
