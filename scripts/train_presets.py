@@ -151,6 +151,7 @@ def nuclei(args, out_dir: Path) -> dict:
         crop_sampling="annotated",
         head="keep",
         calibrate_threshold=False,
+        upsample=1,
         batch_size=6,
         crop=160,
         lr=3e-3,
@@ -304,7 +305,7 @@ def brain(args, out_dir: Path) -> dict:
     result = train(
         new_model("brain-mri", seed=args.seed), images, labels, masks=masks, axis=0,
         epochs=args.epochs or 400, steps_per_epoch=50, val_every=50, crop_sampling="annotated", head="keep",
-        calibrate_threshold=False,
+        calibrate_threshold=False, upsample=1,
         batch_size=8, crop=128, lr=3e-3,
         scale_range=(0.5, 1.6), bias_field=0.25, patience=400, max_seconds=args.minutes * 60,
         val_fraction=0.15, seed=args.seed, device=args.device, name="brain-mri", callback=progress,

@@ -79,7 +79,7 @@ def test_settings_read_like_the_dicts_they_replace():
         post["threshold"]
     norm = Normalization(percentiles=(1, 99.5), per="volume")
     assert tuple(norm.get("percentiles")) == (1.0, 99.5) and norm["per"] == "volume"
-    assert norm.to_dict() == {"percentiles": [1.0, 99.5], "per": "volume"}
+    assert norm.to_dict() == {"percentiles": [1.0, 99.5], "per": "volume", "upsample": 1}
 
 
 def test_normalization_owns_the_percentile_rule():

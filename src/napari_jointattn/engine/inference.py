@@ -124,8 +124,13 @@ def predict_slice(
     on_window: Callable[[int], None] | None = None,
     *,
     net: nn.Module | None = None,
+    upsample: int | None = None,
 ) -> torch.Tensor:
     """One 2-D image (C, H, W) -> (K [+ maps], H, W) float32 on the CPU.
+
+    ``upsample`` (default: the model's ``normalization.upsample``): the image
+    is enlarged that many times before the network, and every output channel
+    averaged back over each pixel's block.
 
     Class channels are softmax probabilities; with ``maps``, one channel per
     :func:`attention_map_keys` entry follows. Tiles of ``tile`` pixels with
@@ -135,6 +140,11 @@ def predict_slice(
     """
     from monai.inferers import sliding_window_inference
 
+    factor = model.normalization.upsample if upsample is None else upsample
+    if factor > 1:
+        big = predict_slice(model, model.normalization.enlarge(x, factor), device, tile, overlap, batch_size,
+                            maps, on_window, net=net, upsample=1)
+        return F.avg_pool2d(big[None], factor)[0]
     net = model.net if net is None else net
     k = model.num_classes
     map_keys = net.map_keys() if maps else []
@@ -514,7 +524,9 @@ def segment(
     out = Assembly(planes, model.instances, attention_map_keys(model) if attention else [])
     bands = plane_bands(*planes.plane_shape)
     width = planes.plane_shape[1]
-    total = len(planes.todo) * sum(count_windows((e1 - e0, width), tile, overlap) for _, _, e0, e1 in bands)
+    f = model.normalization.upsample  # the network sees planes enlarged f times
+    total = len(planes.todo) * sum(count_windows(((e1 - e0) * f, width * f), tile, overlap)
+                                   for _, _, e0, e1 in bands)
     progress = _Progress(callback, total, place)
     notes: list[str] = []
     nonfinite_pixels = 0

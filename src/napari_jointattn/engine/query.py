@@ -102,6 +102,7 @@ class AttentionQuery:
             if crop.dtype.kind == "f" and not np.isfinite(crop).any():
                 raise BadInputError("this tile has no finite pixel")
             x, _ = normalize(crop, self._range, self._pct)
+            x = self.model.normalization.enlarge(x)  # the scale the network works at
             captured = {}
             owner = threading.get_ident()
             net = inference_network(self.model.net, self.device)
@@ -134,19 +135,19 @@ class AttentionQuery:
             slice_index = None
         y0, x0, th, tw = self._tile_origin((r, c))
         feats, module = self._features(slice_index, y0, x0, th, tw)
-        s = self.stride
-        fy, fx = (r - y0) // s, (c - x0) // s
+        s, z = self.stride, self.model.normalization.upsample  # z: the network sees the tile z times larger
+        fy, fx = (r - y0) * z // s, (c - x0) * z // s
         with torch.inference_mode():
             row = module.attention_row(feats, fy * feats.shape[-1] + fx)[0]
             maps = module.maps(feats)
-        fh, fw = math.ceil(th / s), math.ceil(tw / s)
+        fh, fw = math.ceil(th * z / s), math.ceil(tw * z / s)
 
         def up(t: torch.Tensor) -> np.ndarray:
             t = t[:fh, :fw].float()[None, None]
-            full = F.interpolate(t, size=(fh * s, fw * s), mode="nearest")[0, 0, :th, :tw]
-            return full.cpu().numpy()
+            full = F.interpolate(t, size=(fh * s, fw * s), mode="nearest")[..., : th * z, : tw * z]
+            return (F.avg_pool2d(full, z) if z > 1 else full)[0, 0].cpu().numpy()
 
-        heat = up(row) / float(s * s)  # spread each cell's weight over its pixels
+        heat = up(row) * float(z * z) / float(s * s)  # spread each cell's weight over its pixels
         return QueryResult(
             heatmap=heat.astype(np.float32),
             origin=(y0, x0),

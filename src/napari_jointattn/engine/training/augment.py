@@ -64,15 +64,20 @@ class CropCentres:
 
 
 def _crop_batch(samples: list[Sample], settings: TrainSettings, rng: np.random.Generator,
-                centres: CropCentres | None = None):
-    """Random crops centred near annotated pixels (see ``CropCentres``) -> tensors."""
+                centres: CropCentres | None = None, upsample: int = 1):
+    """Random crops centred near annotated pixels (see ``CropCentres``) -> tensors.
+
+    Each crop is a window of ``crop / (scale * upsample)`` pixels resized to
+    ``crop``: the network sees the image enlarged ``upsample`` times, as
+    :func:`~napari_jointattn.engine.inference.predict_slice` shows it.
+    """
     centres = centres or CropCentres(samples, settings.crop_sampling)
     c = settings.crop
     xs, ts, ms, ws = [], [], [], []
     for _ in range(settings.batch_size):
         s, py, px = centres.draw(rng)
         scale = math.exp(rng.uniform(*np.log(settings.scale_range))) if settings.augment else 1.0
-        size = max(16, int(round(c / scale)))
+        size = max(16, int(round(c / (scale * upsample))))
         cy = py + int(rng.integers(-size // 4, size // 4 + 1))
         cx = px + int(rng.integers(-size // 4, size // 4 + 1))
         y0, x0 = cy - size // 2, cx - size // 2

@@ -23,7 +23,7 @@ from .data import build_samples
 from .loss import masked_loss
 from .schedule import _set_lr
 from .settings import TrainResult, TrainSettings
-from .start import _decide_head, _fmt, _parent_name, _start_model
+from .start import _decide_head, _decide_upsample, _fmt, _parent_name, _start_model
 from .validation import calibrate_threshold, validation_dice
 
 
@@ -96,6 +96,10 @@ def train(
     best_state = copy.deepcopy(net.state_dict())
     start_dice = validation_dice(model, samples, device)
     best = start_dice
+    # the start model as given is the bar (above); trained weights work at this scale
+    start_normalization = model.normalization
+    upsample, upsample_note = _decide_upsample(model, samples, settings.upsample)
+    model.normalization = model.normalization.replace(upsample=upsample)
     head = _decide_head(model, samples, settings.head, device, reset_already=head_reset,
                         seed=settings.seed)
     opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -150,7 +154,7 @@ def train(
         for step in range(settings.steps_per_epoch):
             # the schedule sets this step's rate before the step (the first step warms up too)
             _set_lr(opt, settings, (step_no + 1) / total_steps, time.perf_counter() - t0)
-            x, t, m, w = _crop_batch(samples, settings, rng, centres)
+            x, t, m, w = _crop_batch(samples, settings, rng, centres, upsample)
             x, t, m, w = x.to(device), t.to(device), m.to(device), w.to(device)
             with autocast(device):
                 logits = net(x)
@@ -192,6 +196,8 @@ def train(
     for d in dropouts:
         d.generator = None
     net.load_state_dict(best_state)
+    if result.best_step == 0:  # the start model handed back works as it did
+        model.normalization = start_normalization
     threshold_note = None
     # only trained weights get a threshold: a start model handed back keeps its own
     if settings.calibrate_threshold and result.best_step > 0 and summary.get("split_kind") != "training":
@@ -224,7 +230,7 @@ def train(
         "training": {"best_epoch": result.best_epoch, "best_step": result.best_step,
                      "epochs_run": max((h["epoch"] for h in result.history), default=0),
                      "steps_run": step_no, "stopped": result.stopped, "seconds": round(result.seconds, 1),
-                     "device": result.device, "head": head, "improved": result.improved,
+                     "device": result.device, "head": head, "upsample": upsample_note, "improved": result.improved,
                      "threshold": threshold_note,
                      "warnings": warnings_},
         **(provenance or {}),

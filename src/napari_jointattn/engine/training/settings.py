@@ -39,6 +39,10 @@ class TrainSettings:
     #: the classifier head: "auto" (re-initialised when the start model does not
     #: find the annotated structures), "keep" or "reset"
     head: str = "auto"
+    #: in-plane enlargement the network works at: "auto" (2 for structures
+    #: thinner than ``THIN_PIXELS``, else the start model's), or 1 to 4; kept in
+    #: the model (``normalization.upsample``) so segmenting does the same
+    upsample: str | int = "auto"
 
     def validate(self) -> None:
         """Every setting's type and range, before any data is read (``BadInputError``)."""
@@ -76,6 +80,8 @@ class TrainSettings:
             raise BadInputError(f"crop_sampling must be 'classes' or 'annotated', got {self.crop_sampling!r}")
         if not isinstance(self.val_every, int) or self.val_every < 0:
             raise BadInputError(f"val_every must be a non-negative integer, got {self.val_every!r}")
+        if self.upsample != "auto" and (isinstance(self.upsample, bool) or self.upsample not in (1, 2, 3, 4)):
+            raise BadInputError(f"upsample must be 'auto' or an integer in [1, 4], got {self.upsample!r}")
         if self.head not in ("auto", "keep", "reset"):
             raise BadInputError(f"head must be 'auto', 'keep' or 'reset', got {self.head!r}")
 

@@ -7,6 +7,7 @@ import math
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from ..errors import BadInputError
@@ -118,6 +119,42 @@ def _parent_name(start, model: Model) -> str:
     if start is not None and (str(start).endswith(".safetensors") or os.path.isfile(start)):
         return os.path.basename(os.fspath(start)).removesuffix(".safetensors")
     return str(start) if start is not None else model.name
+
+
+#: annotated structures thinner than this (pixels) are learnt and segmented at 2x
+THIN_PIXELS = 6.0
+
+
+def structure_width(samples: list[Sample]) -> float:
+    """Typical width (pixels) of the annotated foreground on the training side.
+
+    From the mean distance to the background over foreground pixels: a band
+    ``w`` pixels wide has a mean of about ``(w + 2) / 4``. NaN without foreground.
+    """
+    from scipy import ndimage as ndi
+
+    depths = []
+    for s in samples:
+        fg = (s.target > 0) & s.train_mask
+        if fg.any():
+            depths.append(ndi.distance_transform_edt(s.target > 0)[fg])
+    return float(4 * np.concatenate(depths).mean() - 2) if depths else float("nan")
+
+
+def _decide_upsample(model: Model, samples: list[Sample], setting) -> tuple[int, str]:
+    """How many times larger the network sees the image; and why (for provenance).
+
+    ``auto``: 2 when the annotated structures are thinner than ``THIN_PIXELS``
+    (a border misplaced by one pixel then costs a third of their area; at 2x
+    the network places it to half a pixel), else the start model's own.
+    """
+    own = model.normalization.upsample
+    if setting != "auto":
+        return int(setting), f"{setting} (upsample={setting})"
+    width = structure_width(samples)
+    if math.isfinite(width) and width < THIN_PIXELS and own < 2:
+        return 2, f"2: the annotated structures are about {width:.1f} px wide, below {THIN_PIXELS:g}"
+    return own, f"{own}: the start model's (annotated structures about {_fmt(width)} px wide)"
 
 
 def _fmt(value: float) -> str:
