@@ -143,3 +143,17 @@ def test_cli_segment_and_evaluate_print_fit_warnings(tmp_path, nuclei_like, caps
     tifffile.imwrite(tmp_path / "cells.tif", tifffile.imread(DSB)[:96, :96])
     code = main(["segment", str(tmp_path / "cells.tif"), "--model", str(nuclei_like), "--out", str(tmp_path / "o")])
     assert code == 0 and capsys.readouterr().err == ""
+
+
+def test_cli_names_the_preset_that_fits(tmp_path, capsys):
+    """A brain volume given to the default nuclei model: the warnings end with the preset to use."""
+    vol = np.asarray(nib.load(MNI).dataobj, np.float32)[:, :, 40:44]  # four whole axial slices
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / "t1.nii.gz")
+    code = main(["segment", str(tmp_path / "t1.nii.gz"), "--out", str(tmp_path / "o"), "--tile", "64"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert err.strip().splitlines()[-1] == (
+        "napari-jointattn: warning: t1.nii.gz: preset 'brain-mri' fits this image (--model brain-mri)")
+    code = main(["segment", str(tmp_path / "t1.nii.gz"), "--model", "brain-mri", "--out", str(tmp_path / "p"),
+                 "--tile", "64"])
+    assert code == 0 and "fits this image" not in capsys.readouterr().err
