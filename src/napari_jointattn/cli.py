@@ -185,12 +185,11 @@ def cmd_segment(args) -> int:
 
 def _warn_fit(model, image, path: Path) -> None:
     """One ``warning:`` line on stderr for each way the image differs from the model's training data."""
-    from .engine.fit import check_fit, suggest_model
+    from .engine.fit import fit_advice
 
-    warnings_ = check_fit(model, image)
+    warnings_, better = fit_advice(model, image, path)
     for warning in warnings_:
         print(f"{PROG}: warning: {_show(path.name)}: {_show(warning)}", file=sys.stderr)
-    better = suggest_model(image, path) if warnings_ else None
     if better is not None and better != getattr(model, "name", None):
         print(f"{PROG}: warning: {_show(path.name)}: preset {better!r} fits this image "
               f"(--model {better})", file=sys.stderr)

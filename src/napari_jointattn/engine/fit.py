@@ -224,10 +224,23 @@ def suggest_model(image: Any, path: str | os.PathLike | None = None) -> str | No
     favours a preset whose modality says MRI and counts against the others.
     The lowest score under 1 wins (ties: preset order).
     """
+    return _best_preset(data_statistics([image]), _modality_hint(image, path))
+
+
+def fit_advice(model: Any, image: Any, path: str | os.PathLike | None = None) -> tuple[list[str], str | None]:
+    """:func:`check_fit`'s warnings and, when there are any, :func:`suggest_model`'s preset.
+
+    The image's statistics are computed once for both.
+    """
+    trained, name = _statistics_of(model)
+    summary = data_statistics([image])
+    warnings_ = compare(trained, summary, name) if trained is not None else []
+    return warnings_, _best_preset(summary, _modality_hint(image, path)) if warnings_ else None
+
+
+def _best_preset(summary: dict, hint: str | None) -> str | None:
     from .metadata import preset_names, preset_path, read_metadata
 
-    summary = data_statistics([image])
-    hint = _modality_hint(image, path)
     best: tuple[float, str] | None = None
     for name in preset_names():
         file = preset_path(name)
@@ -244,4 +257,5 @@ def suggest_model(image: Any, path: str | os.PathLike | None = None) -> str | No
     return None if best is None else best[1]
 
 
-__all__ = ["STATISTICS_KEY", "check_fit", "compare", "data_statistics", "layout", "problems", "suggest_model"]
+__all__ = ["STATISTICS_KEY", "check_fit", "compare", "data_statistics", "fit_advice", "layout", "problems",
+           "suggest_model"]
