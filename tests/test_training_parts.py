@@ -8,7 +8,7 @@ import torch
 
 from napari_jointattn.engine.models import new_model
 from napari_jointattn.engine.training import TrainSettings, masked_loss, train
-from napari_jointattn.engine.training.augment import CropCentres, _crop_batch
+from napari_jointattn.engine.training.augment import CropBatches, CropCentres
 from napari_jointattn.engine.training.data import Sample
 from napari_jointattn.engine.training.schedule import _set_lr
 
@@ -111,21 +111,14 @@ def test_augmentation_keeps_image_labels_mask_and_weights_in_sync():
                     val_mask=np.zeros((h, w), bool), weight=(code % 7).astype(np.float32), source=0, index=0)
     # with the intensity part off, the exact codes give the check
     plain = TrainSettings(batch_size=8, crop=32, scale_range=(1.0, 1.0), augment=True)
-    from napari_jointattn.engine.training import augment as aug
-
-    saved = aug._intensity
-    aug._intensity = lambda x, rng, bias_field: x
-    try:
-        batches = [_crop_batch([sample], plain, np.random.default_rng(seed), CropCentres([sample], "annotated"))
-                   for seed in range(8)]
-    finally:
-        aug._intensity = saved
+    crops = CropBatches([sample], plain, CropCentres([sample], "annotated"), intensity=False)
+    batches = [crops(np.random.default_rng(seed)) for seed in range(8)]
     turned = []
     for x, t, m, wt in batches:
         for i in range(x.shape[0]):
             c = torch.round(x[i, 0]).long()
             inside = wt[i] != 0  # padding of the weight map is 0 (some inner pixels too: code % 7 == 0)
-            assert inside.sum() > 100
+            assert inside.sum() > 50
             assert torch.equal(t[i][inside], (c[inside] % 3))
             assert torch.equal(m[i][inside], (c[inside] % 5) > 0)
             assert torch.equal(wt[i][inside], (c[inside] % 7).float())
@@ -135,3 +128,24 @@ def test_augmentation_keeps_image_labels_mask_and_weights_in_sync():
             assert len(torch.unique(steps)) == 1 and int(steps[0]) in (1, w)
             turned.append(int(steps[0]) == w)
     assert any(turned) and not all(turned)  # both turned and unturned crops were drawn
+
+
+def test_intensity_augmentation_changes_the_image_alone_and_the_seed_repeats_a_batch():
+    rng = np.random.default_rng(3)
+    h, w = 48, 48
+    target = (rng.random((h, w)) > 0.7).astype(np.int64)
+    sample = Sample(image=rng.random((2, h, w)).astype(np.float32), target=target,
+                    train_mask=np.ones((h, w), bool), val_mask=np.zeros((h, w), bool),
+                    weight=rng.random((h, w)).astype(np.float32) + 0.5, source=0, index=0)
+    settings = TrainSettings(batch_size=6, crop=32, bias_field=0.7)
+    full = CropBatches([sample], settings)
+    geometric = CropBatches([sample], settings, intensity=False)
+    a, b, g = full(np.random.default_rng(7)), full(np.random.default_rng(7)), geometric(np.random.default_rng(7))
+    for u, v in zip(a, b):  # the same seed, the same batch
+        assert torch.equal(u, v)
+    for u, v in zip(a[1:], g[1:]):  # labels, mask and weights do not see the intensity changes
+        assert torch.equal(u, v)
+    assert a[0].shape == g[0].shape == (6, 2, 32, 32)
+    assert not torch.allclose(a[0], g[0], atol=1e-3)  # the image does
+    c = full(np.random.default_rng(8))
+    assert not torch.equal(a[0], c[0])

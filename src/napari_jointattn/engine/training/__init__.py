@@ -1,7 +1,7 @@
 """Training and fine-tuning from (partial) annotations.
 
 Modules: ``settings`` (TrainSettings, TrainResult), ``data`` (annotated
-planes and their split), ``augment`` (crop centres, augmentation), ``loss``,
+planes and their split), ``augment`` (crop centres, MONAI augmentation), ``loss``,
 ``validation`` (held-out Dice, threshold), ``schedule`` (learning rate),
 ``start`` (start model, head decision), ``checkpoint`` (resume), ``loop``
 (``train()``).
@@ -21,7 +21,7 @@ Rules (documented in docs/training.md):
 """
 
 from ..split import GAP_PIXELS, GAP_SLICES, split_samples
-from .augment import CropCentres
+from .augment import CropBatches, CropCentres
 from .data import Sample, annotation_summary, build_samples
 from .loss import masked_loss
 from .loop import train
@@ -30,7 +30,7 @@ from .start import HEAD_RESET_DICE, start_model
 from .validation import MAX_VAL_PLANES, THRESHOLDS, calibrate_threshold, classes_from_probs, validation_dice
 
 __all__ = [
-    "GAP_PIXELS", "GAP_SLICES", "HEAD_RESET_DICE", "MAX_VAL_PLANES", "THRESHOLDS", "CropCentres", "Sample",
+    "GAP_PIXELS", "GAP_SLICES", "HEAD_RESET_DICE", "MAX_VAL_PLANES", "THRESHOLDS", "CropBatches", "CropCentres", "Sample",
     "TrainResult", "TrainSettings", "annotation_summary", "build_samples", "calibrate_threshold",
     "classes_from_probs", "masked_loss", "split_samples", "start_model", "train", "validation_dice",
 ]

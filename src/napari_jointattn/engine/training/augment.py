@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import numpy as np
+import monai.transforms as mt
 import torch
-import torch.nn.functional as F
 
 from ..errors import BadInputError
 from .data import Sample
@@ -63,84 +65,108 @@ class CropCentres:
         return s, y, x
 
 
-def _crop_batch(samples: list[Sample], settings: TrainSettings, rng: np.random.Generator,
-                centres: CropCentres | None = None, upsample: int = 1):
-    """Random crops centred near annotated pixels (see ``CropCentres``) -> tensors.
+class CropBatches:
+    """Training batches: crops centred by ``CropCentres``, augmented by MONAI.
 
-    Each crop is a window of ``crop / (scale * upsample)`` pixels resized to
-    ``crop``: the network sees the image enlarged ``upsample`` times, as
-    :func:`~napari_jointattn.engine.inference.predict_slice` shows it.
+    Each crop is a dictionary of ``image`` (C, h, w), ``label``, ``mask`` and
+    ``weight`` (1, h, w) that goes through MONAI dictionary transforms, so the
+    four stay paired by construction: a window of ``crop / (scale * upsample)``
+    pixels around the drawn centre (edge-padded image, zero-padded rest: no
+    loss outside the plane), resized to ``crop`` (the network sees the image
+    enlarged ``upsample`` times, as
+    :func:`~napari_jointattn.engine.inference.predict_slice` shows it), turned
+    by a multiple of 90 degrees and flipped; then the image alone: contrast,
+    brightness, gamma, a smooth multiplicative bias field and noise.
+
+    The random draws all come from ``rng`` (MONAI's transforms are re-seeded
+    from it for every batch), so a run is reproduced by its seed and resumed
+    from a checkpoint of ``rng``.
     """
-    centres = centres or CropCentres(samples, settings.crop_sampling)
-    c = settings.crop
-    xs, ts, ms, ws = [], [], [], []
-    for _ in range(settings.batch_size):
-        s, py, px = centres.draw(rng)
+
+    KEYS = ("image", "label", "mask", "weight")
+
+    def __init__(self, samples: list[Sample], settings: TrainSettings, centres: CropCentres | None = None,
+                 upsample: int = 1, intensity: bool = True) -> None:
+        self.samples = samples
+        self.settings = settings
+        self.centres = centres or CropCentres(samples, settings.crop_sampling)
+        self.upsample = upsample
+        c = settings.crop
+        steps: list = [mt.Resized(self.KEYS, (c, c), mode=("bilinear", "nearest", "nearest", "nearest"))]
+        if settings.augment:
+            steps += [mt.RandRotate90d(self.KEYS, prob=0.75, max_k=3),  # k = 0, 1, 2, 3 alike
+                      mt.RandFlipd(self.KEYS, prob=0.5, spatial_axis=1)]
+            if intensity:
+                steps += _intensity(settings.bias_field)
+        self.transform = mt.Compose(steps)
+
+    def crop(self, rng: np.random.Generator) -> dict:
+        """One window around a drawn centre, before resizing (numpy, padded outside the plane)."""
+        s, py, px = self.centres.draw(rng)
+        settings = self.settings
         scale = math.exp(rng.uniform(*np.log(settings.scale_range))) if settings.augment else 1.0
-        size = max(16, int(round(c / (scale * upsample))))
+        size = max(16, int(round(settings.crop / (scale * self.upsample))))
         cy = py + int(rng.integers(-size // 4, size // 4 + 1))
         cx = px + int(rng.integers(-size // 4, size // 4 + 1))
+        h, w = s.target.shape
         y0, x0 = cy - size // 2, cx - size // 2
-        img = _window(s.image, y0, x0, size, "edge")
-        tgt = _window(s.target[None], y0, x0, size, 0)[0]
-        msk = _window(s.train_mask[None], y0, x0, size, 0)[0]
-        wgt = _window(s.weight[None], y0, x0, size, 0)[0] if s.weight is not None else np.ones((size, size), np.float32)
-        xs.append(torch.from_numpy(img))
-        ts.append(torch.from_numpy(tgt.astype(np.int64)))
-        ms.append(torch.from_numpy(msk))
-        ws.append(torch.from_numpy(wgt.astype(np.float32)))
-    x = torch.stack([F.interpolate(t[None], size=(c, c), mode="bilinear", align_corners=False)[0] for t in xs])
-    t = torch.stack([F.interpolate(t[None, None].float(), size=(c, c), mode="nearest")[0, 0].long() for t in ts])
-    m = torch.stack([F.interpolate(t[None, None].float(), size=(c, c), mode="nearest")[0, 0] > 0.5 for t in ms])
-    w = torch.stack([F.interpolate(t[None, None], size=(c, c), mode="nearest")[0, 0] for t in ws])
-    if settings.augment:
-        x, t, m, w = _geometric(x, t, m, w, rng)
-        x = _intensity(x, rng, settings.bias_field)
-    return x, t, m, w
+        weight = s.weight if s.weight is not None else np.ones((h, w), np.float32)
+        plane = {"image": s.image, "label": s.target[None].astype(np.float32),
+                 "mask": s.train_mask[None].astype(np.float32), "weight": weight[None].astype(np.float32)}
+        inside = mt.SpatialCropd(self.KEYS, roi_start=(max(0, y0), max(0, x0)),
+                                 roi_end=(min(h, y0 + size), min(w, x0 + size)))
+        pad = mt.BorderPadd(self.KEYS, spatial_border=(max(0, -y0), max(0, y0 + size - h),
+                                                       max(0, -x0), max(0, x0 + size - w)),
+                            mode=("edge", "constant", "constant", "constant"))
+        return pad(inside(plane))
+
+    def __call__(self, rng: np.random.Generator):
+        """A batch: image (B, C, crop, crop) float, target (B, crop, crop) long, mask bool, weight float."""
+        self.transform.set_random_state(seed=int(rng.integers(2**31)))
+        with _plain_tensors():
+            crops = [self.transform(self.crop(rng)) for _ in range(self.settings.batch_size)]
+
+        def stack(key):
+            return torch.stack([torch.as_tensor(np.asarray(d[key]), dtype=torch.float32) for d in crops])
+
+        return stack("image"), stack("label")[:, 0].round().long(), stack("mask")[:, 0] > 0.5, stack("weight")[:, 0]
 
 
-def _window(a: np.ndarray, y0: int, x0: int, size: int, fill) -> np.ndarray:
-    """a[:, y0:y0+size, x0:x0+size] with padding outside (edge or constant)."""
-    _, h, w = a.shape
-    pad = ((0, 0), (max(0, -y0), max(0, y0 + size - h)), (max(0, -x0), max(0, x0 + size - w)))
-    sub = a[:, max(0, y0) : y0 + size, max(0, x0) : x0 + size]
-    if any(p for pair in pad for p in pair):
-        sub = np.pad(sub, pad, mode="edge") if fill == "edge" else np.pad(sub, pad, constant_values=fill)
-    return np.ascontiguousarray(sub)
+@contextlib.contextmanager
+def _plain_tensors():
+    """MONAI without its metadata tracking (2.5x faster crops; nothing here reads the metadata).
 
-
-def _geometric(x, t, m, w, rng):
-    k = int(rng.integers(4))
-    flip = bool(rng.integers(2))
-
-    def apply(a, dims):
-        a = torch.rot90(a, k, dims)
-        return torch.flip(a, (dims[1],)) if flip else a
-
-    return apply(x, (2, 3)), apply(t, (1, 2)), apply(m, (1, 2)), apply(w, (1, 2))
-
-
-def _intensity(x: torch.Tensor, rng: np.random.Generator, bias_field: float) -> torch.Tensor:
-    """Contrast, brightness, gamma, a smooth multiplicative field, noise.
-
-    ``bias_field`` is the log-amplitude of a smooth random field over a 3x3
-    to 8x8 grid: it makes some objects much dimmer than others in the same crop, as
-    in real images where a few bright cells set the top percentile (and as an
-    MRI bias field does).
+    The switch is process-wide in MONAI, so it is restored at once.
     """
-    b = x.shape[0]
+    from monai.data import get_track_meta, set_track_meta
 
-    def loguniform(lo: float, hi: float) -> torch.Tensor:
-        return torch.from_numpy(np.exp(rng.uniform(np.log(lo), np.log(hi), (b, 1, 1, 1))).astype(np.float32))
+    with _META_LOCK:
+        before = get_track_meta()
+        set_track_meta(False)
+        try:
+            yield
+        finally:
+            set_track_meta(before)
 
-    x = x * loguniform(0.3, 1.5)
-    x = x + torch.from_numpy(rng.uniform(-0.1, 0.1, (b, 1, 1, 1)).astype(np.float32))
-    x = torch.sign(x) * x.abs().pow(loguniform(0.6, 1.6))
+
+_META_LOCK = threading.Lock()
+
+
+def _intensity(bias_field: float) -> list:
+    """The image's intensity changes: contrast x0.3-1.5, brightness +-0.1, gamma 0.6-1.6, bias field, noise.
+
+    ``bias_field`` is the amplitude of a smooth random multiplicative field
+    (``exp`` of a cubic polynomial, MONAI's ``RandBiasField``): it makes some
+    objects much dimmer than others in the same crop, as in real images where
+    a few bright cells set the top percentile (and as an MRI bias field does).
+    The polynomial's coefficients are drawn in +-1.3 ``bias_field``: the
+    field's log then has a standard deviation over a crop of about
+    0.75 ``bias_field`` (measured over 200 draws).
+    """
+    steps = [mt.RandScaleIntensityd("image", factors=(-0.7, 0.5), prob=1.0),
+             mt.RandShiftIntensityd("image", offsets=0.1, prob=1.0),
+             mt.RandAdjustContrastd("image", gamma=(0.6, 1.6), prob=1.0)]
     if bias_field > 0:
-        grid = int(rng.integers(3, 9))
-        coarse = torch.from_numpy(rng.normal(0, bias_field, (b, 1, grid, grid)).astype(np.float32))
-        field_ = F.interpolate(coarse, size=x.shape[-2:], mode="bicubic", align_corners=True)
-        x = x * torch.exp(field_)
-    sigma = torch.from_numpy(rng.uniform(0, 0.06, (b, 1, 1, 1)).astype(np.float32))
-    gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    return x + sigma * torch.randn(x.shape, generator=gen)
+        steps.append(mt.RandBiasFieldd("image", degree=3, coeff_range=(-1.3 * bias_field, 1.3 * bias_field), prob=1.0))
+    steps.append(mt.RandGaussianNoised("image", std=0.06, sample_std=True, prob=1.0))
+    return steps

@@ -17,7 +17,7 @@ from ..checks import check_axis, check_classes, check_output_file
 from ..devices import autocast, describe_device, resolve_device
 from ...model.denseunet import Dropout2d
 from ..models import Model, save_model
-from .augment import CropCentres, _crop_batch
+from .augment import CropBatches, CropCentres
 from .checkpoint import _jsonable, _load_checkpoint, _save_checkpoint
 from .data import build_samples
 from .loss import masked_loss
@@ -105,7 +105,7 @@ def train(
     opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     total_steps = settings.epochs * settings.steps_per_epoch
     val_every = settings.val_every or max(1, settings.steps_per_epoch // 4)
-    centres = CropCentres(samples, settings.crop_sampling)
+    batches = CropBatches(samples, settings, CropCentres(samples, settings.crop_sampling), upsample)
     result = TrainResult(model=model, best_dice=best, start_dice=start_dice,
                          device=describe_device(device), summary=summary)
     result.history.append({"epoch": 0, "step": 0, "loss": None, "val_dice": best, "seconds": 0.0})
@@ -154,7 +154,7 @@ def train(
         for step in range(settings.steps_per_epoch):
             # the schedule sets this step's rate before the step (the first step warms up too)
             _set_lr(opt, settings, (step_no + 1) / total_steps, time.perf_counter() - t0)
-            x, t, m, w = _crop_batch(samples, settings, rng, centres, upsample)
+            x, t, m, w = batches(rng)
             x, t, m, w = x.to(device), t.to(device), m.to(device), w.to(device)
             with autocast(device):
                 logits = net(x)
