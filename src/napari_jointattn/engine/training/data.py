@@ -15,7 +15,7 @@ from ..imageio import ImageFile, read_image, read_labels
 from ..labels import to_classes
 from ..models import Model
 from ..normalize import normalize
-from ..split import split_samples
+from ..split import Split, split_samples
 
 
 @dataclass
@@ -53,9 +53,12 @@ def build_samples(
     weights: Sequence | None = None,
     axis: int | None = None,
     channel_axis: int | None = None,
-    val_fraction: float = 0.2,
+    val_fraction: float | None = 0.2,
 ) -> tuple[list[Sample], dict]:
-    """Annotated 2-D planes with leak-free train/validation masks, and a summary."""
+    """Annotated 2-D planes with leak-free train/validation masks, and a summary.
+
+    ``val_fraction=None``: no validation part, every annotated pixel trains.
+    """
     if len(images) != len(labels):
         raise BadInputError(f"{len(images)} images but {len(labels)} label images")
     if not images:
@@ -125,11 +128,14 @@ def build_samples(
         raise BadInputError("the annotations contain no foreground class: label some objects first")
 
     samples = [Sample(x, t, m.copy(), np.zeros_like(m), w, i, z) for i, z, x, t, m, w in planes]
-    split = split_samples(samples, val_fraction, k)
+    if val_fraction is None:  # every annotated pixel trains (the live loop)
+        split = Split("none", "none: every annotated pixel trains", None)
+    else:
+        split = split_samples(samples, val_fraction, k)
     samples = [s for s in samples if s.train_mask.any() or s.val_mask.any()]
     n_train = int(sum(s.train_mask.sum() for s in samples))
     n_val = int(sum(s.val_mask.sum() for s in samples))
-    if n_train == 0 or n_val == 0:
+    if n_train == 0 or (n_val == 0 and val_fraction is not None):
         raise BadInputError("too little annotation to split into training and validation parts")
     summary = {
         "images": len({s.source for s in samples}),
