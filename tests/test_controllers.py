@@ -127,3 +127,32 @@ def test_correction_weights_come_from_the_segment_prediction(viewer, blobs):
     assert w[:10, :10].min() == 5.0 and (w[10:] == 1.0).all()
     assert ft.make_request(ft.candidate_pairs(), None, {}).weights is None
     assert req.out.name.startswith("nuclei-ft-") and req.labels[0] is not layer.data  # a snapshot
+
+
+def test_settled_objects_skip_collections_until_thawed():
+    """gc_hold: objects that exist at settle() are not walked (a cycle among them survives a
+    collection) until thaw() gives them back (then the cycle is freed)."""
+    import gc
+    import weakref
+
+    from napari_jointattn.controllers import gc_hold
+
+    class Node:
+        pass
+
+    gc_hold.thaw()
+    assert gc_hold.kept() == 0
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a reference cycle: only a full walk frees it
+    alive = weakref.ref(a)
+    gc_hold.settle()
+    try:
+        assert gc_hold.kept() > 1000
+        del a, b
+        gc.collect()
+        assert alive() is not None  # kept out of the walk
+    finally:
+        gc_hold.thaw()
+    assert gc_hold.kept() == 0
+    gc.collect()
+    assert alive() is None

@@ -75,6 +75,12 @@ def test_segment_creates_labels_with_objects(qtbot, dock, blobs):
     assert layer.data.dtype == np.int32  # six objects, yet any id can be painted
     layer.paint((2, 2), 256)
     assert layer.data[2, 2] == 256
+    # the run kept the objects of the moment out of full collections; removing a layer gives them back
+    from napari_jointattn.controllers import gc_hold
+
+    assert gc_hold.kept() > 1000
+    viewer.layers.remove(layer)
+    assert gc_hold.kept() == 0
 
 
 def test_model_warms_up_in_the_background_when_the_dock_opens(qtbot, dock, bright_model, monkeypatch):

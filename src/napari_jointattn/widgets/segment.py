@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..controllers import gc_hold
 from ..controllers.layers import attention_layers
 from ..controllers.segment import Request, SegmentController
 from ..controllers.session import DEFAULT_TILE
@@ -35,6 +36,10 @@ from . import _workers
 DEVICES = ("auto", "cpu", "cuda", "mps")
 #: pause between adding result layers, so the canvas draws (and uploads) one layer at a time
 STEP_DELAY_MS = 15
+
+
+def _thaw(*_) -> None:
+    gc_hold.thaw()
 
 
 class SegmentDock(_workers.WorkerDockMixin, QWidget):
@@ -120,6 +125,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         events = self.viewer.layers.events
         for ev in (events.inserted, events.removed, events.moved):
             ev.connect(self.refresh_layers)
+        events.removed.connect(_thaw)  # a removed layer's data may sit in frozen cycles (see gc_hold)
         self.viewer.layers.selection.events.active.connect(self._follow_selection)
         self.refresh_layers()
         self.refresh_models(select=self.session.current_model())
@@ -280,6 +286,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.controller.running = True
         self._worker_running = True
         self._steps = []
+        gc_hold.settle()  # no full garbage collection freezes the window during the run (see gc_hold)
         self.segment_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText(f"Segmenting {request.layer_name}…")
