@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "benchmarks")]
 
 TICK_MS = 20
-ATTENTION_LAYERS = 6  # three joint modules, a point-wise and a mixing map each
+ATTENTION_LAYERS = 9  # three joint modules: a point-wise, a mixing and an effect map each
 
 
 def image_for(size: int) -> np.ndarray:

@@ -11,14 +11,20 @@ from napari_jointattn.cli import main
 from napari_jointattn.engine.models import new_model, save_model
 from napari_jointattn.model import DenseUNetConfig
 
-#: one joint module (1/16): two maps, pointwise and mix
+#: one joint module (1/16): three maps, pointwise, mix and the effect
 SMALL = DenseUNetConfig(attention_levels=(2,))
-MAPS = {"pointwise": "joint-1-16-pointwise", "mix": "joint-1-16-mix"}
+MAPS = {"pointwise": "joint-1-16-pointwise", "mix": "joint-1-16-mix", "effect": "joint-1-16-effect"}
 
 
 @pytest.fixture
 def small_model(tmp_path):
-    return save_model(new_model("nuclei", config=SMALL, seed=0), tmp_path / "small.safetensors")
+    import torch
+
+    model = new_model("nuclei", config=SMALL, seed=0)
+    with torch.no_grad():
+        for module in model.net.attention.values():
+            module.gamma.fill_(0.3)  # a module that changes its input: its effect map is not 0
+    return save_model(model, tmp_path / "small.safetensors")
 
 
 def _segment(path, model, out, capsys) -> list[str]:
@@ -42,7 +48,10 @@ def test_tiff_stack_gives_one_tiff_per_map_with_the_stack_shape(tmp_path, small_
         path = out / f"stack_attention_{slug}.tif"
         data = tifffile.imread(path)
         assert data.shape == stack.shape and data.dtype == np.float32
-        assert ((data > 0) & (data < 1)).all()  # sigmoid maps
+        if map_name == "effect":  # |change| / |input|: positive where the module acts
+            assert (data > 0).all()
+        else:
+            assert ((data > 0) & (data < 1)).all()  # sigmoid maps
         with tifffile.TiffFile(path) as tif:
             assert json.loads(tif.pages[0].description)["attention"] == f"joint 1/16 {map_name}"
     # each slice's map is that slice's: slices differ

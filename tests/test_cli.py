@@ -30,7 +30,7 @@ def test_segment_tiff_folder_with_attention(tmp_path, saved_model, blobs, capsys
     assert code == 0, err
     assert tifffile.imread(out / "a_labels.tif").shape == image.shape
     assert tifffile.imread(out / "b_labels.tif").shape == (2, *image.shape)
-    maps = [f"joint-1-{s}-{m}" for s in (8, 16, 32) for m in ("pointwise", "mix")]  # the nuclei network's
+    maps = [f"joint-1-{s}-{m}" for s in (8, 16, 32) for m in ("pointwise", "mix", "effect")]  # the nuclei network's
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [f"{stem}_labels.tif" for stem in "ab"] + [f"{stem}_attention_{m}.tif" for stem in "ab" for m in maps])
     assert tifffile.imread(out / "b_attention_joint-1-8-mix.tif").shape == (2, *image.shape)

@@ -42,8 +42,10 @@ def test_segment_on_a_viewer_model(viewer, saved_model, blobs):
     assert labels.data.dtype == np.int32 and labels.data.shape == image.shape
     assert tuple(labels.scale) == (0.5, 0.5)
     names = [l.name for l in viewer.layers]
-    assert len([n for n in names if n.startswith("attention joint")]) == 6
+    assert len([n for n in names if n.startswith("attention joint")]) == 9
     assert not viewer.layers["attention joint 1/8 mix"].visible
+    effect = viewer.layers["attention joint 1/8 effect"]  # what the module changed: hidden, own scale
+    assert not effect.visible and effect.colormap.name == "plasma"
     labels.paint((10, 10), 256)  # ids beyond 255 can be painted
     assert labels.data[10, 10] == 256
 

@@ -196,7 +196,7 @@ def test_segment_attention_maps(blobs):
     image, _ = blobs
     res = segment(image, new_model("nuclei", seed=0), attention=True)
     assert set(res.attention) == {
-        f"joint 1/{s} {m}" for s in (8, 16, 32) for m in ("pointwise", "mix")
+        f"joint 1/{s} {m}" for s in (8, 16, 32) for m in ("pointwise", "mix", "effect")
     }
     for m in res.attention.values():
         assert m.shape == image.shape and m.dtype == np.float32
@@ -576,19 +576,20 @@ def test_attention_keys_of_a_segmentation(blobs):
     image, _ = blobs
     res = segment(image, load_model("nuclei"), attention=True)
     assert res.attention_keys == {k.name: k for k in
-                                  (AttentionKey("joint", s, m) for s in (8, 16, 32) for m in ("pointwise", "mix"))}
+                                  (AttentionKey("joint", s, m) for s in (8, 16, 32) for m in ("pointwise", "mix", "effect"))}
     # the deepest module mixes in more global context than the shallowest (the preset's measured behaviour)
     assert res.attention["joint 1/32 mix"].mean() > res.attention["joint 1/8 mix"].mean() + 0.2
 
 
 def test_self_attention_model_has_no_per_pixel_maps():
-    """Self-attention has no point-wise or mixing map: none is announced, none is returned."""
+    """Self-attention has no point-wise or mixing map: only each module's effect is returned."""
     model = new_model("nuclei", config=__import__("napari_jointattn").model.DenseUNetConfig(attention="self"))
     res = segment(np.random.default_rng(0).random((40, 48)).astype(np.float32), model, attention=True)
-    assert res.attention == {} and res.labels.shape == (40, 48)
+    assert list(res.attention) == ["self 1/8 effect", "self 1/16 effect", "self 1/32 effect"]
+    assert res.labels.shape == (40, 48)
     model = new_model("nuclei", config=__import__("napari_jointattn").model.DenseUNetConfig(joint_form="gated"))
     res = segment(np.random.default_rng(0).random((40, 48)).astype(np.float32), model, attention=True)
-    assert list(res.attention) == ["joint 1/8 pointwise", "joint 1/16 pointwise", "joint 1/32 pointwise"]
+    assert list(res.attention) == [f"joint 1/{s} {m}" for s in (8, 16, 32) for m in ("pointwise", "effect")]
 
 
 def test_instance_ids_are_unique_across_slices():
@@ -758,3 +759,33 @@ def test_progress_reaches_its_total_whatever_the_batch_size(batch_size):
     assert seen[-1][0] == total
     done = [d for d, _ in seen]
     assert done == sorted(done) and len(set(done[1:])) == len(done) - 1
+
+
+def test_knockout_reports_what_each_attention_module_changes(blobs):
+    """evaluate(knockout=True): a module with gamma 0 changes nothing; one that acts changes pixels,
+    and knocking every module out equals setting every gamma to 0."""
+    import torch
+
+    from napari_jointattn.engine.evaluation import evaluate
+    from napari_jointattn.engine.knockout import ALL
+
+    import copy
+
+    from napari_jointattn.engine.models import load_model
+
+    image, labels = blobs
+    model = copy.deepcopy(load_model("nuclei"))  # the preset, made to lean on one module
+    with torch.no_grad():
+        for name, module in model.net.attention.items():
+            module.gamma.fill_(3.0 if name == "level2" else 0.0)  # only the 1/16 module acts
+    out = evaluate(model, [image], [labels], knockout=True)["knockout"]
+    rows = out["modules"]
+    assert set(rows) == {"joint 1/8", "joint 1/16", "joint 1/32", ALL}
+    assert rows["joint 1/8"]["changed_fraction"] == 0 and rows["joint 1/8"]["dice_change"] == 0
+    assert rows["joint 1/16"]["changed_fraction"] > 0
+    assert rows[ALL]["changed_fraction"] == rows["joint 1/16"]["changed_fraction"]
+    with torch.no_grad():
+        model.net.attention["level2"].gamma.zero_()
+    plain = evaluate(model, [image], [labels])
+    assert rows[ALL]["dice"] == pytest.approx(plain["mean_dice"], abs=1e-6)
+    assert all(m.enabled for m in model.net.attention.values())

@@ -163,11 +163,11 @@ def test_attention_keys_name_modules_and_maps():
     net = DenseUNet(attention="joint", joint_form="mix")
     assert [k for k, _ in net.attention_keys()] == [AttentionKey("joint", s) for s in (8, 16, 32)]
     assert [k.name for k in net.map_keys()] == [
-        f"joint 1/{s} {m}" for s in (8, 16, 32) for m in ("pointwise", "mix")]
-    assert [k.map for k in DenseUNet(joint_form="gated").map_keys()] == ["pointwise"] * 3
-    assert DenseUNet(attention="self").map_keys() == []
+        f"joint 1/{s} {m}" for s in (8, 16, 32) for m in ("pointwise", "mix", "effect")]
+    assert [k.map for k in DenseUNet(joint_form="gated").map_keys()] == ["pointwise", "effect"] * 3
+    assert [k.map for k in DenseUNet(attention="self").map_keys()] == ["effect"] * 3
     assert [k.name for k in DenseUNet(attention="pointwise", attention_levels=(3,)).map_keys()] == [
-        "pointwise 1/32 pointwise"]
+        "pointwise 1/32 pointwise", "pointwise 1/32 effect"]
 
 
 def test_a_new_attention_variant_is_one_class_and_one_registry_line(monkeypatch):
@@ -340,3 +340,30 @@ def test_head_layers_add_full_resolution_capacity():
     assert DenseUNetConfig.from_dict({k: v for k, v in one.config.to_dict().items() if k != "head_layers"}).head_layers == 1
     with pytest.raises(ValueError, match="head_layers"):
         DenseUNetConfig(head_layers=0)
+
+
+def test_knocked_out_modules_pass_their_input_through_and_the_effect_map_shows_the_change():
+    torch.manual_seed(0)
+    net = DenseUNet(attention="joint", joint_form="mix").eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.no_grad():
+        for module in net.attention.values():
+            module.gamma.fill_(0.5)  # a module that changes its input
+        base, maps = net.inspect(x)
+        with net.knocked_out(["joint 1/16"]):
+            one_off = net(x)
+            _, maps_off = net.inspect(x)
+        assert all(m.enabled for m in net.attention.values())  # restored
+        with net.knocked_out():
+            none = net(x)
+        for module in net.attention.values():
+            module.gamma.zero_()
+        zero = net(x)
+    assert not torch.allclose(base, one_off) and not torch.allclose(one_off, none)
+    assert torch.allclose(none, zero, atol=1e-6)  # all knocked out == gamma 0: the identity
+    assert maps["joint 1/16"]["effect"].min() > 0
+    assert torch.count_nonzero(maps_off["joint 1/16"]["effect"]) == 0  # knocked out: changed nothing
+    assert maps_off["joint 1/8"]["effect"].min() > 0
+    with pytest.raises(ValueError, match="no attention module"):
+        with net.knocked_out(["joint 1/4"]):
+            pass

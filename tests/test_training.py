@@ -88,6 +88,14 @@ def test_loss_decreases_and_model_learns(blobs):
     losses = [h["loss"] for h in result.history[1:]]
     assert losses[-1] < losses[0]
     assert result.best_dice > result.history[0]["val_dice"]
+    # what each attention module changes on the validation pixels is recorded with the model
+    knock = result.model.provenance["training"]["knockout"]
+    assert set(knock["modules"]) == {"joint 1/8", "joint 1/16", "joint 1/32", "all"}
+    th = result.model.provenance["training"]["threshold"]  # scored as segment() decides: at the threshold
+    expected = th["val_dice_at_threshold"] if th else result.best_dice
+    assert knock["dice"] == pytest.approx(expected, abs=1e-3)
+    for row in knock["modules"].values():
+        assert row["dice_change"] == pytest.approx(row["dice"] - knock["dice"], abs=1e-5)
 
 
 def test_stop_keeps_best_and_writes_a_complete_file(blobs, tmp_path):

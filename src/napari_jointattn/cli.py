@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--labels", action="append", required=True, metavar="L")
     _device_args(e)
     e.add_argument("--axis", type=_axis, default=None)
+    e.add_argument("--knockout", action="store_true",
+                   help="also score with each attention module knocked out (what each one changes)")
 
     t = sub.add_parser("train", help="train or fine-tune a model on annotated images")
     t.add_argument("--image", action="append", required=True, metavar="I")
@@ -215,7 +217,8 @@ def cmd_evaluate(args) -> int:
     for p in args.image:
         images.append(read_image(p))
         _warn_fit(model, images[-1], Path(p))
-    result = evaluate(model, images, args.labels, device=device, tile=args.tile, axis=args.axis)
+    result = evaluate(model, images, args.labels, device=device, tile=args.tile, axis=args.axis,
+                      knockout=args.knockout)
     print(json.dumps(result, indent=2, allow_nan=False))
     return 0
 

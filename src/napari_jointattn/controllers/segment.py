@@ -85,6 +85,19 @@ def attention_layer_name(key: str) -> tuple[str, bool]:
     return f"{ATTENTION_PREFIX}{module}" + ("" if pointwise else f" {map_name}"), pointwise
 
 
+def _colormap(key: str) -> str:
+    """Point-wise maps inferno, effect maps plasma, the others (mix) viridis."""
+    return {"pointwise": "inferno", "effect": "plasma"}.get(key.rpartition(" ")[2], "viridis")
+
+
+def _limits(key: str, data: np.ndarray) -> tuple[float, float]:
+    """Sigmoid maps span [0, 1]; an effect map (|update| / |input|, unbounded) its own 99th percentile."""
+    if key.rpartition(" ")[2] != "effect":
+        return (0.0, 1.0)
+    top = float(np.nanpercentile(data, 99)) if data.size else 0.0
+    return (0.0, top if np.isfinite(top) and top > 0 else 1.0)
+
+
 @dataclass
 class FitQuery:
     """What the fit check of an image layer needs, snapshotted on the GUI thread."""
@@ -260,9 +273,9 @@ class SegmentController:
                 if isinstance(old, Image) and old.data.shape == small.shape:
                     steps.append(Step(lname, self._replace_step(old, small, scale, translate, meta)))
                 else:
-                    layer = Image(small, name=lname, colormap="inferno" if pointwise else "viridis",
-                                  blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0),
-                                  scale=scale, translate=translate, metadata=meta, visible=pointwise)
+                    layer = Image(small, name=lname, colormap=_colormap(key), blending="additive", opacity=0.5,
+                                  contrast_limits=_limits(key, small), scale=scale, translate=translate,
+                                  metadata=meta, visible=pointwise)
                     steps.append(Step(lname, lambda layer=layer: self._add(layer)))
             result.attention = shown  # the full-size maps of a huge image are not kept
         return steps

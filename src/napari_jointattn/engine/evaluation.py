@@ -35,13 +35,17 @@ def evaluate(
     tile: int = 512,
     axis: int | None = None,
     callback: Callback | None = None,
+    knockout: bool = False,
 ) -> dict:
     """Segment each image and score it against its labels (the label rule of :mod:`.labels`).
 
     Returns a JSON-ready dict: per-class Dice, IoU, precision, recall and
     HD95 (pixels; mean over images), their means over the foreground
     classes, and for instance models the instance F1 at IoU >= 0.5
-    (2-D slices matched separately).
+    (2-D slices matched separately). ``knockout``: also ``"knockout"``, the
+    images segmented again with each attention module (and all of them)
+    knocked out: fraction of pixels whose class changes, and the Dice change
+    (:mod:`.knockout`).
     """
     model = load_model(model)
     axis = check_axis(axis)
@@ -53,6 +57,7 @@ def evaluate(
     conf = np.zeros((k, k), dtype=np.int64)
     hd = {c: [] for c in range(1, k)}
     tp = fp = fn = 0
+    seen: list[tuple] = []  # (image, truth classes, predicted classes) for the knock-out
     for image, label in zip(images, labels):
         img = read_image(image) if isinstance(image, (str, os.PathLike)) else image
         if isinstance(img, ImageFile) and img.time_axis is not None:
@@ -68,6 +73,8 @@ def evaluate(
         truth_cls = to_classes(truth, k)
         pred_cls = to_classes(result.labels, k) if model.instances else result.labels
         conf += confusion(pred_cls, truth_cls, k)
+        if knockout:
+            seen.append((img, truth_cls, pred_cls))
         for c in range(1, k):
             hd[c].append(hd95(pred_cls == c, truth_cls == c))
         if model.instances:
@@ -104,4 +111,16 @@ def evaluate(
         f1 = 2 * tp / (2 * tp + fp + fn) if (tp + fp + fn) else float("nan")
         out["instance_f1"] = _nan_to_none(f1)
         out["instances"] = {"tp": tp, "fp": fp, "fn": fn, "iou_threshold": 0.5}
+    if knockout:
+        from .knockout import knockout_from
+
+        def predict() -> np.ndarray:
+            preds = []
+            for img, _, _ in seen:
+                lab = segment(img, model, device=device, tile=tile, axis=axis).labels
+                preds.append((to_classes(lab, k) if model.instances else lab).ravel())
+            return np.concatenate(preds)
+
+        out["knockout"] = knockout_from(predict, model, np.concatenate([t.ravel() for _, t, _ in seen]),
+                                        base=np.concatenate([p.ravel() for _, _, p in seen]))
     return out

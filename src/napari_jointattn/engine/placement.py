@@ -39,8 +39,9 @@ def _tensors(net: nn.Module) -> list[torch.Tensor]:
 
 
 def _fingerprint(net: nn.Module) -> tuple:
-    """Changes when a weight is replaced, moved or updated in place."""
-    return tuple((t.data_ptr(), t._version) for t in _tensors(net))
+    """Changes when a weight is replaced, moved or updated in place, or a module is knocked out."""
+    knocked = tuple(m.enabled for m in net.modules() if hasattr(m, "enabled"))
+    return (knocked, *((t.data_ptr(), t._version) for t in _tensors(net)))
 
 
 def _lives_on(net: nn.Module, device: torch.device) -> bool:

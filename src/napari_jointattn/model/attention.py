@@ -129,9 +129,15 @@ class UnifiedAttention(nn.Module):
         self.out = nn.Conv2d(value_dim, channels, 1)
         self.gamma = nn.Parameter(torch.zeros(1))
 
+    #: False knocks the module out: it passes its input through unchanged
+    #: (``DenseUNet.knocked_out``; not saved with the weights)
+    enabled: bool = True
+
     # fast path -----------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C, H, W)."""
+        if not self.enabled:
+            return x
         return x + self.gamma * self.out(self.aggregate(x))
 
     def aggregate(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract

@@ -14,8 +14,10 @@ each scale listed in ``attention_levels``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -23,6 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import JOINT_FORMS, KINDS, AttentionKey, UnifiedAttention, make_attention
+
+#: the per-module map of what the module changed (see :func:`residual_effect`)
+EFFECT_MAP = "effect"
 
 ATTENTION_CHOICES = ("none",) + KINDS
 NORMS = ("group", "batch")
@@ -302,8 +307,31 @@ class DenseUNet(nn.Module):
         return [(key.name, module) for key, module in self.attention_keys()]
 
     def map_keys(self) -> list[AttentionKey]:
-        """The key of every per-pixel map :meth:`inspect` returns, in order."""
-        return [key.with_map(m) for key, module in self.attention_keys() for m in module.map_names]
+        """The key of every per-pixel map :meth:`inspect` returns, in order.
+
+        Each module's own maps (:attr:`map_names`), then its ``effect``: the
+        size of its residual update relative to its input, per pixel.
+        """
+        return [key.with_map(m) for key, module in self.attention_keys()
+                for m in (*module.map_names, EFFECT_MAP)]
+
+    @contextlib.contextmanager
+    def knocked_out(self, names: Iterable[str] | None = None):
+        """Within the block, the attention modules ``names`` (``key.name``,
+        e.g. ``"joint 1/8"``; all when None) pass their input through unchanged."""
+        modules = {key.name: module for key, module in self.attention_keys()}
+        chosen = list(modules) if names is None else list(names)
+        unknown = [n for n in chosen if n not in modules]
+        if unknown:
+            raise ValueError(f"no attention module {unknown[0]!r}; modules: {', '.join(modules) or 'none'}")
+        before = {n: modules[n].enabled for n in chosen}
+        for n in chosen:
+            modules[n].enabled = False
+        try:
+            yield
+        finally:
+            for n, state in before.items():
+                modules[n].enabled = state
 
     @staticmethod
     def stride(level: int) -> int:
@@ -359,7 +387,8 @@ class DenseUNet(nn.Module):
         :meth:`attention_keys`, e.g. ``maps["joint 1/8"]["mix"]``) is a
         (B, h, w) tensor at the module's feature resolution, covering the
         input (h = ceil(H / stride)). Map names: ``pointwise``, ``mix`` (joint
-        "mix" form) and, when ``query=(row, col)`` in input pixels is given,
+        "mix" form), ``effect`` (every module: :func:`residual_effect`, what
+        the module actually changed there) and, when ``query=(row, col)`` in input pixels is given,
         ``row``: where that pixel's global attention looks (sums to 1 over the
         whole padded feature map).
         """
@@ -369,11 +398,11 @@ class DenseUNet(nn.Module):
         owner = threading.get_ident()
         for key, module in self.attention.items():
 
-            def hook(_mod, args, key=key):
+            def hook(_mod, args, output, key=key):
                 if threading.get_ident() == owner:
-                    captured[key] = args[0]
+                    captured[key] = (args[0], output)
 
-            hooks.append(module.register_forward_pre_hook(hook))
+            hooks.append(module.register_forward_hook(hook))
         try:
             logits = self(x)
         finally:
@@ -383,10 +412,11 @@ class DenseUNet(nn.Module):
         h, w = x.shape[-2:]
         out: dict[str, dict[str, Tensor]] = {}
         for (akey, module), key in zip(self.attention_keys(), self.attention.keys()):
-            feats = captured[key]
+            feats, updated = captured[key]
             s = akey.stride
             fh, fw = math.ceil(h / s), math.ceil(w / s)
             maps = {k: v[:, :fh, :fw] for k, v in module.maps(feats).items()}
+            maps[EFFECT_MAP] = residual_effect(feats, updated)[:, :fh, :fw]
             if query is not None and module.has_global_row:
                 qy = min(max(int(query[0]), 0), h - 1) // s
                 qx = min(max(int(query[1]), 0), w - 1) // s
@@ -394,6 +424,11 @@ class DenseUNet(nn.Module):
                 maps["row"] = row[:, :fh, :fw]
             out[akey.name] = maps
         return logits, out
+
+
+def residual_effect(x: Tensor, z: Tensor) -> Tensor:
+    """|z - x| / |x| per pixel (norms over channels): how much a residual module changed its input."""
+    return (z - x).float().norm(dim=1) / x.float().norm(dim=1).clamp_min(1e-6)
 
 
 def count_parameters(model: nn.Module) -> int:

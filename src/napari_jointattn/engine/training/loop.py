@@ -207,6 +207,12 @@ def train(
             model.postprocess = {**model.postprocess, "threshold": th}
             threshold_note = {"threshold": th, "val_dice_at_0.5": round(at_half, 4),
                               "val_dice_at_threshold": round(at_th, 4)}
+    knockout = None
+    if result.best_step > 0 and model.net.attention_keys():  # what each attention module changes
+        from ..knockout import knockout_on_samples
+
+        net.eval()
+        knockout = knockout_on_samples(model, samples, device)
     net.eval().to("cpu")
     result.stopped = stop or "epochs"
     result.best_dice = best
@@ -231,7 +237,7 @@ def train(
                      "epochs_run": max((h["epoch"] for h in result.history), default=0),
                      "steps_run": step_no, "stopped": result.stopped, "seconds": round(result.seconds, 1),
                      "device": result.device, "head": head, "upsample": upsample_note, "improved": result.improved,
-                     "threshold": threshold_note,
+                     "threshold": threshold_note, "knockout": knockout,
                      "warnings": warnings_},
         **(provenance or {}),
     }
