@@ -789,3 +789,23 @@ def test_knockout_reports_what_each_attention_module_changes(blobs):
     plain = evaluate(model, [image], [labels])
     assert rows[ALL]["dice"] == pytest.approx(plain["mean_dice"], abs=1e-6)
     assert all(m.enabled for m in model.net.attention.values())
+
+
+def test_query_weight_is_gamma_times_the_mixing_weight_at_the_pixel(blobs):
+    """The used row: the softmax row times gamma x lambda(query pixel) of the joint "mix" form."""
+    import copy
+
+    import torch
+
+    from napari_jointattn.engine.models import load_model
+    from napari_jointattn.engine.query import AttentionQuery
+
+    image, _ = blobs
+    model = copy.deepcopy(load_model("nuclei"))
+    with torch.no_grad():
+        model.net.attention["level3"].gamma.fill_(0.5)
+    res = AttentionQuery(model, image, tile=64, module="joint 1/32").query((30, 40))
+    lam = res.mix[30 - res.origin[0], 40 - res.origin[1]]  # the mixing map, upsampled like the row
+    assert res.weight == pytest.approx(0.5 * lam, rel=1e-5)
+    assert 0 < res.weight < 0.5
+    assert np.allclose(res.used, res.heatmap * res.weight)

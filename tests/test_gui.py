@@ -276,6 +276,12 @@ def test_query_mode_heatmap_follows_the_click(qtbot, dock, blobs, monkeypatch):
     layer = click((150, 200))  # another tile: the heatmap moves there
     assert tuple(layer.translate) == (64.0, 112.0)  # the 128 tile, clipped to the 192 x 240 image
     assert elapsed < 5.0  # generous: two clicks, one forward pass of a 128 tile
+    # the row as the prediction uses it: the same row times |gamma x mixing weight|, on the same scale
+    used = viewer.layers["attention query used"]
+    weight = used.metadata["weight"]
+    assert used.visible and not layer.visible
+    assert np.allclose(used.data, layer.data * abs(weight), atol=1e-7)
+    assert f"{weight:.3g}" in widget.status.text()
     assert len(threads) == 3 and threading.main_thread() not in threads  # computed off the GUI thread
     widget.query_check.setChecked(False)
     assert widget._on_click not in viewer.mouse_drag_callbacks

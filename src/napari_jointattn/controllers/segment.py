@@ -376,17 +376,20 @@ class SegmentController:
         """Put a query heatmap into the ``attention query`` layer over its tile."""
         scale = inp.scale[-2:]
         translate = tuple(t + o * sc for t, o, sc in zip(inp.translate[-2:], result.origin, scale))
-        name = f"{ATTENTION_PREFIX}query"
-        heat = result.heatmap / max(float(result.heatmap.max()), 1e-12)
-        if name in self.viewer.layers:
-            layer = self.viewer.layers[name]
-            layer.data = heat
-            layer.translate = translate
-            layer.scale = scale
-        else:
-            layer = self.viewer.add_image(heat, name=name, colormap="magma", blending="additive",
-                                          opacity=0.8, contrast_limits=(0.0, 1.0), scale=scale,
-                                          translate=translate)
-        layer.metadata.update({"module": result.module, "origin": result.origin,
-                               "slice": result.slice_index})
-        return layer
+        top = max(float(result.heatmap.max()), 1e-12)
+        # where the pixel looks (the softmax row), and the row as the prediction uses it (times
+        # gamma and the mixing weight), on the same scale: a faint "used" layer is a row barely used
+        for name, heat, visible in ((f"{ATTENTION_PREFIX}query", result.heatmap / top, False),
+                                    (f"{ATTENTION_PREFIX}query used", result.used / top, True)):
+            if name in self.viewer.layers:
+                layer = self.viewer.layers[name]
+                layer.data = heat
+                layer.translate = translate
+                layer.scale = scale
+            else:
+                layer = self.viewer.add_image(heat, name=name, colormap="magma", blending="additive",
+                                              opacity=0.8, contrast_limits=(0.0, 1.0), scale=scale,
+                                              translate=translate, visible=visible)
+            layer.metadata.update({"module": result.module, "origin": result.origin,
+                                   "slice": result.slice_index, "weight": result.weight})
+        return self.viewer.layers[f"{ATTENTION_PREFIX}query"]

@@ -38,6 +38,14 @@ class QueryResult:
     pointwise: np.ndarray | None = None
     mix: np.ndarray | None = None
     key: AttentionKey | None = None
+    #: how strongly this row enters the module's output at the query pixel: gamma times the
+    #: mixing weight lambda there (joint "mix" form), else gamma
+    weight: float = 1.0
+
+    @property
+    def used(self) -> np.ndarray:
+        """The row as the prediction uses it: ``heatmap * |weight|``."""
+        return self.heatmap * abs(self.weight)
 
 
 class AttentionQuery:
@@ -148,6 +156,9 @@ class AttentionQuery:
             return (F.avg_pool2d(full, z) if z > 1 else full)[0, 0].cpu().numpy()
 
         heat = up(row) * float(z * z) / float(s * s)  # spread each cell's weight over its pixels
+        weight = float(module.gamma.detach().float().reshape(-1)[0])
+        if "mix" in maps:
+            weight *= float(maps["mix"][0, min(fy, maps["mix"].shape[1] - 1), min(fx, maps["mix"].shape[2] - 1)])
         return QueryResult(
             heatmap=heat.astype(np.float32),
             origin=(y0, x0),
@@ -156,4 +167,5 @@ class AttentionQuery:
             pointwise=up(maps["pointwise"][0]) if "pointwise" in maps else None,
             mix=up(maps["mix"][0]) if "mix" in maps else None,
             key=self.key,
+            weight=weight,
         )

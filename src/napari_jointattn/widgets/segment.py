@@ -408,9 +408,12 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
     def _show_query(self, value) -> None:
         result, inp = value
         self.controller.show_query(result, inp)
-        self.status.setText(f"Query: where this pixel looks ({result.module}, tile at {result.origin})")
+        self.status.setText(
+            f"Query ({result.module}): where this pixel looks ('attention query'); its global context "
+            f"enters the features with weight {result.weight:.3g} (gamma x mixing), shown in "
+            "'attention query used'")
 
     def _toggle_attention_layers(self, checked: bool) -> None:
         for layer in attention_layers(self.viewer):
-            if not layer.name.endswith(" mix"):
+            if not layer.name.endswith((" mix", " effect", " query")):
                 layer.visible = checked
