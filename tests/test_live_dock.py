@@ -197,3 +197,148 @@ def test_bad_states_are_clear_errors(viewer, tiny_file):
     report = next(ctl.run())
     assert report["steps"] == 0 and "not a class" in report["waiting"]
     ctl.stop()
+
+
+# ---- the dock in a real viewer ------------------------------------------------------------------
+class GapMeter:
+    """The worst gap between the ticks of a 10 ms Qt timer: how long the event loop was blocked."""
+
+    def __init__(self):
+        from qtpy.QtCore import QTimer
+
+        self.ticks = [time.perf_counter()]
+        self.timer = QTimer()
+        self.timer.timeout.connect(lambda: self.ticks.append(time.perf_counter()))
+        self.timer.start(10)
+
+    def worst(self) -> float:
+        self.timer.stop()
+        return float(np.diff(self.ticks).max())
+
+
+def _erase_drag(layer, points):
+    """An erase stroke with the mouse, through napari's own mouse-callback machinery."""
+    from napari.utils._test_utils import read_only_mouse_event
+    from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
+
+    layer.mode = "erase"
+    kinds = ["mouse_press"] + ["mouse_move"] * (len(points) - 2) + ["mouse_release"]
+    calls = {"mouse_press": mouse_press_callbacks, "mouse_move": mouse_move_callbacks,
+             "mouse_release": mouse_release_callbacks}
+    for kind, p in zip(kinds, points):
+        event = read_only_mouse_event(type=kind, is_dragging=kind == "mouse_move", position=p,
+                                      dims_displayed=[0, 1], view_direction=None)
+        calls[kind](layer, event)
+    layer.mode = "paint"
+
+
+@pytest.fixture
+def live_dock(make_napari_viewer, tiny_file):
+    from _gui_helpers import wait_workers
+
+    viewer = make_napari_viewer()
+    _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune")
+    ft.controller.session.set_model(tiny_file)
+    ft.live_settings = dict(FAST)
+    ft.live.refresh, ft.live.burst = 0.3, 0.3
+    yield viewer, ft
+    ft.live.stop()
+    wait_workers()
+
+
+def test_learn_while_i_paint_in_the_dock(qtbot, live_dock, model_dir):
+    viewer, ft = live_dock
+    image, truth = _disks(96, 96)
+    viewer.add_image(image, name="cells")
+    layer = viewer.add_labels(np.zeros(truth.shape, np.int32), name="cells labels")
+    user_labels = layer.data
+    meter = GapMeter()
+    ft.live_button.click()
+    assert ft.live_button.text() == "Stop live" and ft.next_button.isEnabled()
+    assert not ft.train_button.isEnabled()  # one training at a time
+    # the start model's view comes first, in its own layers (never the user's labels)
+    qtbot.waitUntil(lambda: "cells live prediction" in viewer.layers and "cells uncertainty" in viewer.layers,
+                    timeout=20_000)
+    pred = viewer.layers["cells live prediction"]
+    assert viewer.layers["cells uncertainty"].colormap.name == "magma"
+    # strokes: the objects of the top half with the layer's API, background by erasing with the mouse
+    for r in range(2, 48, 3):  # erase first (erasing removes labels), then paint the objects
+        _erase_drag(layer, [(r, 0), (r, 95), (r, 95)])
+    assert ft.live.painted[2:48:3].all() and not layer.data.any()  # erasing over 0 counted all the same
+    for r in range(2, 48, 3):
+        layer.data_setitem((np.full(96, r), np.arange(96)), truth[r])
+    assert ft.live.painted[2:48:3].all()
+    qtbot.waitUntil(lambda: ft.live.trainer is not None and ft.live.trainer.snapshots >= 1, timeout=20_000)
+    before = pred.data.copy()
+    qtbot.waitUntil(lambda: not np.array_equal(pred.data, before), timeout=20_000)  # it learns and shows it
+    assert "steps" in ft.live_status.text() and "snapshot" in ft.live_status.text()
+    # a correction stroke: the live prediction comes to agree with it
+    stroke = np.zeros(truth.shape, bool)
+    stroke[72:81, 50:67] = truth[72:81, 50:67] > 0  # an object in the unpainted bottom half
+    layer.data_setitem(np.nonzero(stroke), 1)
+    qtbot.waitUntil(lambda: np.mean(pred.data[stroke] > 0) >= 0.8, timeout=30_000)
+    # Next moves the view to an unannotated region
+    centre = tuple(viewer.camera.center)
+    ft.next_button.click()
+    qtbot.waitUntil(lambda: tuple(viewer.camera.center) != centre, timeout=20_000)
+    assert viewer.camera.center[-2] > 48  # below the painted rows: not annotated yet
+    assert "Next:" in ft.live_status.text()
+    qtbot.waitUntil(lambda: ft.live.trainer.steps >= 60, timeout=30_000)
+    ft.live_button.click()  # Stop
+    qtbot.waitUntil(lambda: ft.live_worker is None, timeout=30_000)
+    worst = meter.worst()
+    assert worst < 1.0, f"the event loop was blocked for {worst:.2f} s"
+    assert layer.data is user_labels and (layer.data[stroke] == 1).all()
+    assert not layer.data[~stroke][48 * 96:].any()  # nothing written into the user's labels
+    assert ft.live_button.text() == "Start live" and ft.train_button.isEnabled()
+    versions = [p for p in model_dir.iterdir() if "-ft-" in p.name]
+    if versions:  # improved: a version, the session's current model
+        assert ft.controller.session.current_model() == str(versions[0])
+        assert "Saved" in ft.live_status.text() and ft.versions_list.count() == 1
+    else:
+        assert "no improvement over the start model" in ft.live_status.text()
+    assert versions, ft.live_status.text()  # these strokes teach the tiny model: it improves
+
+
+def test_live_mode_stops_when_its_layers_go_and_refuses_bad_pairs(qtbot, live_dock):
+    viewer, ft = live_dock
+    ft.live_button.click()
+    assert "Add pair" in ft.live_status.text() and not ft.live.active  # no pair
+    image, truth = _disks(64, 64)
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(np.zeros((32, 32), np.int32), name="other")
+    ft.image_combo.setCurrentText("cells")
+    ft.labels_combo.addItem("other")
+    ft.labels_combo.setCurrentText("other")
+    ft.pairs_list.clear()
+    ft._append_pair(("cells", "other"))
+    ft.live_button.click()
+    assert "must match" in ft.live_status.text() and not ft.live.active
+    ft.pairs_list.clear()
+    viewer.add_labels(np.zeros(truth.shape, np.int32), name="cells labels")
+    ft.live_button.click()
+    assert ft.live.active
+    qtbot.waitUntil(lambda: "cells live prediction" in viewer.layers, timeout=20_000)
+    viewer.layers.remove("cells labels")
+    qtbot.waitUntil(lambda: ft.live_worker is None, timeout=20_000)
+    assert not ft.live.active and ft.live_button.text() == "Start live"
+    assert "nothing was saved" in ft.live_status.text()  # nothing was painted
+
+
+def test_closing_the_viewer_ends_the_live_loop(qtbot, make_napari_viewer, tiny_file):
+    from napari_jointattn.widgets import _workers
+
+    viewer = make_napari_viewer()
+    _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune")
+    ft.controller.session.set_model(tiny_file)
+    ft.live_settings = dict(FAST)
+    image, truth = _disks(64, 64)
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(np.zeros(truth.shape, np.int32), name="cells labels")
+    ft.live_button.click()
+    qtbot.waitUntil(lambda: "cells live prediction" in viewer.layers, timeout=20_000)
+    stop_event = ft.live.stop_event
+    assert _workers.running() == 1
+    viewer.close()
+    qtbot.waitUntil(lambda: _workers.running() == 0, timeout=20_000)
+    assert stop_event.is_set()

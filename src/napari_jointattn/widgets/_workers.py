@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from qtpy.QtCore import QObject, Signal
 
@@ -40,10 +40,6 @@ def start(
         return None
     from napari.qt.threading import create_worker
 
-    class _Failed:
-        def __init__(self, exc: BaseException) -> None:
-            self.exc = exc
-
     def guarded():
         # errors travel as values: napari's worker would also report them to
         # its own exception hook; the dock shows one clear notification instead
@@ -58,7 +54,17 @@ def start(
         else:
             on_done(value)
 
-    worker = create_worker(guarded, _start_thread=False)
+    return _launch(create_worker(guarded, _start_thread=False), returned, on_error, on_finished)
+
+
+class _Failed:
+    """An exception carried as a worker's return value."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _launch(worker, returned, on_error, on_finished):
     worker.returned.connect(returned)
     worker.errored.connect(on_error)
     worker.finished.connect(on_finished)
@@ -67,6 +73,35 @@ def start(
     worker.finished.connect(lambda: _LIVE.discard(worker))
     worker.start()
     return worker
+
+
+def start_loop(
+    func: Callable[[], Iterator],
+    on_yield: Callable[[object], None],
+    on_done: Callable[[object], None],
+    on_error: Callable[[BaseException], None],
+    on_finished: Callable[[], None],
+):
+    """Run the generator ``func()`` in a napari thread worker: every value it yields reaches
+    ``on_yield`` on the GUI thread, its return value ``on_done``. Always a thread (a loop
+    that runs until it is told to stop cannot run synchronously). Returns the worker."""
+    from napari.qt.threading import create_worker
+
+    def guarded():
+        try:
+            return (yield from func())
+        except Exception as exc:  # one clear notification, as in start()
+            return _Failed(exc)
+
+    def returned(value):
+        if isinstance(value, _Failed):
+            on_error(value.exc)
+        else:
+            on_done(value)
+
+    worker = create_worker(guarded, _start_thread=False)
+    worker.yielded.connect(on_yield)
+    return _launch(worker, returned, on_error, on_finished)
 
 
 _LIVE: set = set()

@@ -4,6 +4,13 @@ A thin Qt front on :class:`~napari_jointattn.controllers.finetune.FinetuneContro
 with a live loss / validation-Dice plot. Training, the annotation summary
 (refreshed shortly after the labels are edited) and Compare run in worker
 threads on copies of the layers' data, so the user can keep painting.
+
+*Learn while I paint* (:class:`~napari_jointattn.controllers.live.LiveController`)
+trains in a worker thread while the user paints: strokes are collected
+(debounced) and handed over as copies, the model's view of the slice in view
+is shown in a ``<image> live prediction`` Labels layer and a ``<image>
+uncertainty`` Image layer, and *Next* moves the view to the most uncertain
+region not annotated yet.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from qtpy.QtWidgets import (
     QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QListWidget,
@@ -34,6 +42,17 @@ from ..controllers.finetune import (
     FinetuneController,
     TrainRequest,
 )
+from ..controllers.layers import current_index
+from ..controllers.live import (
+    ANNOTATED_CHOICES,
+    PAINTED,
+    LiveController,
+    LiveOutcome,
+    LivePrediction,
+    Target,
+    prediction_name,
+    uncertainty_name,
+)
 from ..controllers.segment import PREDICTION_KEY
 from ..engine.errors import BadInputError
 from ..engine.versions import describe_version
@@ -46,6 +65,11 @@ __all__ = ["CURRENT", "PREDICTION_KEY", "FinetuneController", "FinetuneDock"]  #
 SUMMARY_DEBOUNCE_MS = 400
 #: the status line reports training steps at most this often
 PROGRESS_EVERY_S = 1.0
+#: live mode hands the annotations over this long after the last stroke
+LIVE_DEBOUNCE_MS = 500
+LIVE_HINT = ("Paint on the labels layer: what you paint since Start trains the model. "
+             "Erase (or paint label 0) to mark background; erase strokes count even over "
+             "unlabelled pixels.")
 PAIR_HINT = ("Pair an image with any Labels layer of its size (Add pair); "
              "a Labels layer named '<image> labels' pairs by itself.")
 
@@ -73,6 +97,15 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self._watched: set = set()
         self._bridge = _workers.ProgressBridge()
         self._bridge.progress.connect(self._on_progress)
+        self.live = LiveController(napari_viewer, session=self.controller.session)
+        #: further live-mode engine settings (batch_size, crop, lr, ...) for scripts and tests
+        self.live_settings: dict = {}
+        self.live_worker = None
+        self._live_layer = None  # the labels layer live mode listens to
+        self._live_timer = QTimer(self)
+        self._live_timer.setSingleShot(True)
+        self._live_timer.setInterval(LIVE_DEBOUNCE_MS)
+        self._live_timer.timeout.connect(self._live_submit)
 
         self.image_combo = QComboBox()
         self.labels_combo = QComboBox()
@@ -115,6 +148,7 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self.use_button = QPushButton("Use selected")
         self.export_button = QPushButton("Export…")
         self.canvas, self.axes = self._make_plot()
+        self.live_box = self._make_live_box()
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
@@ -142,6 +176,7 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         layout.addWidget(self.status)
         layout.addWidget(self.canvas)
         layout.addWidget(self.compare_button)
+        layout.addWidget(self.live_box)
         layout.addWidget(QLabel("Model versions"))
         layout.addWidget(self.versions_list)
         vrow = QHBoxLayout()
@@ -161,8 +196,41 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         events = self.viewer.layers.events
         for ev in (events.inserted, events.removed):
             ev.connect(self.refresh_layers)
+        events.removed.connect(self._live_layer_removed)
+        self.viewer.dims.events.current_step.connect(self._live_view_moved)
+        # closing the dock or the viewer ends the live loop (its worker thread stops by itself)
+        stop = self.live.stop_event.set
+        self.destroyed.connect(lambda *_: stop())
         self.refresh_layers()
         self.refresh_versions()
+
+    def _make_live_box(self) -> QGroupBox:
+        box = QGroupBox("Learn while I paint")
+        self.live_button = QPushButton("Start live")
+        self.live_button.setCheckable(True)
+        self.annotated_combo = QComboBox()
+        self.annotated_combo.addItems(list(ANNOTATED_CHOICES))
+        self.annotated_combo.setCurrentText(PAINTED)
+        self.next_button = QPushButton("Next")
+        self.next_button.setToolTip("Go to the most uncertain region not annotated yet")
+        self.next_button.setEnabled(False)
+        self.live_hint = QLabel(LIVE_HINT)
+        self.live_hint.setWordWrap(True)
+        self.live_status = QLabel("")
+        self.live_status.setWordWrap(True)
+        form = QFormLayout()
+        form.addRow("Annotated", self.annotated_combo)
+        row = QHBoxLayout()
+        row.addWidget(self.live_button)
+        row.addWidget(self.next_button)
+        inner = QVBoxLayout(box)
+        inner.addLayout(form)
+        inner.addWidget(self.live_hint)
+        inner.addLayout(row)
+        inner.addWidget(self.live_status)
+        self.live_button.clicked.connect(self.toggle_live)
+        self.next_button.clicked.connect(self.next_region)
+        return box
 
     # plot -------------------------------------------------------------------
     def _make_plot(self):
@@ -347,6 +415,9 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
     def train(self) -> None:
         if self.controller.running:
             return
+        if self.live.active:
+            self._notify_error("live mode is running: stop it before training")
+            return
         pairs = self.pairs()
         if not pairs and self._chosen_pair() is not None:
             self._add_pair()  # the pair shown in Image / Labels, as if Add pair had been clicked
@@ -496,3 +567,231 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
                 self.controller.export(Path(items[0].data(256)), target)
             except BadInputError as exc:
                 self._notify_error(str(exc))
+
+    # learn while I paint -------------------------------------------------------------------
+    def _live_pair(self) -> tuple[str | None, str | None]:
+        """The pair live mode uses: the selected pair, else the first, else the one shown."""
+        items = self.pairs_list.selectedItems()
+        if items:
+            return tuple(items[0].data(256))
+        pairs = self.pairs()
+        if pairs:
+            return pairs[0]
+        chosen = self._chosen_pair()
+        return chosen if chosen is not None else (None, None)
+
+    def toggle_live(self) -> None:
+        if self.live.active:
+            self.stop_live()
+        else:
+            self.start_live()
+
+    def start_live(self) -> None:
+        """Check the pair, listen to its labels layer and start the live loop in a worker thread."""
+        if self.live_worker is not None:  # the last loop is still ending
+            self.live_button.setChecked(True)
+            return
+        self.live_button.setChecked(False)
+        if self.controller.running:
+            self._live_error(BadInputError("a training run is going on: wait for it or stop it first"))
+            return
+        image, labels = self._live_pair()
+        try:
+            self.live.start(image, labels, self.start_combo.currentData() or CURRENT,
+                            annotated=self.annotated_combo.currentText(),
+                            device=self.device_combo.currentText(), **self.live_settings)
+        except BadInputError as exc:
+            self._live_error(exc)
+            return
+        layer = self.viewer.layers[labels]
+        layer.events.paint.connect(self._live_painted)
+        layer.events.data.connect(self._live_data_replaced)
+        layer.mouse_drag_callbacks.append(self._erase_capture)
+        self._live_layer = layer
+        self._live_view_moved()
+        self.live_button.setChecked(True)
+        self.live_button.setText("Stop live")
+        self.next_button.setEnabled(True)
+        self.annotated_combo.setEnabled(False)
+        self.train_button.setEnabled(False)
+        self.live_status.setText(f"Live on {image} ← {labels}: loading the start model…")
+        self.live_worker = _workers.start_loop(self.live.run, self._live_report, self._live_done,
+                                               self._live_error, self._live_finished)
+
+    def stop_live(self, reason: str | None = None) -> None:
+        """End the loop; the worker scores the live model and saves it if it improved."""
+        if not self.live.active:
+            return
+        self._live_timer.stop()
+        if self.live.painted is not None:
+            try:
+                self.live.submit()  # the last strokes count in the scores
+            except BadInputError:
+                pass
+        self.live.stop()
+        self.live_button.setEnabled(False)
+        self.next_button.setEnabled(False)
+        self.live_status.setText((reason + " " if reason else "") + "Stopping: scoring the live model…")
+
+    def next_region(self) -> None:
+        if self.live.active:
+            self.live.request_next()
+            self.live_status.setText("Looking for the most uncertain region not annotated yet…")
+
+    # events on the GUI thread
+    def _live_painted(self, event) -> None:
+        if self.live.active and self.live.record_paint(getattr(event, "value", None)) >= 0:
+            self._live_timer.start()
+
+    def _erase_capture(self, layer, event):
+        """Record erase strokes (also over unlabelled pixels, which napari does not report)."""
+        erasing = layer.mode == "erase" or (layer.mode == "paint" and
+                                            layer.selected_label == layer.colormap.background_value)
+        displayed = tuple(getattr(event, "dims_displayed", ()) or ())
+        if not (self.live.active and erasing and displayed == (layer.ndim - 2, layer.ndim - 1)):
+            return
+        points = [layer.world_to_data(event.position)]
+        yield
+        while event.type == "mouse_move":
+            points.append(layer.world_to_data(event.position))
+            yield
+        if self.live.active and self.live.record_erase(points, layer.brush_size):
+            self._live_timer.start()
+
+    def _live_data_replaced(self, event=None) -> None:
+        layer = self._live_layer
+        if self.live.active and layer is not None and self.live.pair and layer.data.shape != self.live.pair.shape:
+            self.stop_live(f"The data of {layer.name!r} were replaced by data of another shape.")
+        elif self.live.active:
+            self._live_timer.start()  # undo, redo, a script's edit: hand the labels over again
+
+    def _live_submit(self) -> None:
+        if not self.live.active or self.live.stop_event.is_set():
+            return
+        try:
+            self.live.submit()
+        except BadInputError as exc:
+            self.stop_live(str(exc))
+
+    def _live_layer_removed(self, event=None) -> None:
+        if self.live.active and not self.live.stop_event.is_set() and not self.live.pair_present():
+            self.stop_live("A layer of the live pair was removed.")
+
+    def _live_view_moved(self, event=None) -> None:
+        pair = self.live.pair
+        if pair is None or not pair.stack or pair.image_name not in self.viewer.layers:
+            return
+        self.live.view_slice = current_index(self.viewer, self.viewer.layers[pair.image_name])
+
+    # results of the worker
+    def _live_report(self, report: dict) -> None:
+        pair = self.live.pair
+        if pair is None:
+            return
+        if report.get("prediction") is not None:
+            self._show_live_prediction(report["prediction"])
+        if "next" in report:
+            self._go_to(report["next"])
+        loss = "–" if report["loss"] is None else f"{report['loss']:.3f}"
+        text = (f"Live: {report['total_steps']} steps, loss {loss}, {report['snapshots']} snapshot(s) of "
+                f"{self.live.strokes} stroke(s)")
+        if report["waiting"] and self.live.strokes:
+            text += f"\nWaiting: {report['waiting']}"
+        elif not self.live.strokes:
+            text += "\nWaiting: paint some objects and some background"
+        if not ("next" in report or self.live_status.text().startswith("Looking")):
+            self.live_status.setText(text)
+        elif "next" in report:
+            self.live_status.setText(text + self._next_text(report["next"]))
+
+    @staticmethod
+    def _next_text(target: Target | None) -> str:
+        if target is None:
+            return "\nNext: every region is annotated or was shown already."
+        where = "" if target.z is None else f"slice {target.z}, "
+        return f"\nNext: {where}around row {target.y}, column {target.x} (uncertainty {target.score:.2f})"
+
+    def _show_live_prediction(self, pred: LivePrediction) -> None:
+        """Update the live prediction and uncertainty layers in place (created on first use)."""
+        pair = self.live.pair
+        names = (prediction_name(pair.image_name), uncertainty_name(pair.image_name))
+        layers = self.viewer.layers
+        geometry = {"scale": pair.scale, "translate": pair.translate}
+        if names[0] not in layers:
+            import numpy as np
+
+            self.viewer.add_labels(np.zeros(pair.shape, np.uint8), name=names[0], opacity=0.5, **geometry)
+        if names[1] not in layers:
+            import numpy as np
+
+            self.viewer.add_image(np.zeros(pair.shape, np.float32), name=names[1], colormap="magma",
+                                  blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0), **geometry)
+        for name, values in zip(names, (pred.classes, pred.uncertainty)):
+            layer = layers[name]
+            if layer.data.shape != pair.shape:
+                continue
+            target = layer.data if pred.z is None else layer.data[pred.z]
+            target[...] = values
+            layer.refresh()
+
+    def _go_to(self, target: Target | None) -> None:
+        """Centre the view on ``target`` (and show its slice)."""
+        pair = self.live.pair
+        if target is None or pair is None or pair.image_name not in self.viewer.layers:
+            return
+        layer = self.viewer.layers[pair.image_name]
+        point = (target.y, target.x) if target.z is None else (target.z, target.y, target.x)
+        world = layer.data_to_world(point)
+        if target.z is not None:
+            self.viewer.dims.set_point(self.viewer.dims.ndim - 3, float(world[0]))
+        self.viewer.camera.center = tuple(float(v) for v in world[-2:])
+
+    def _live_done(self, outcome: LiveOutcome) -> None:
+        from napari.utils.notifications import show_info, show_warning
+
+        warning = self.live.finished(outcome)
+        try:
+            if warning:
+                self.live_status.setText(warning)
+                show_warning(warning)
+                return
+            self.live_status.setText(
+                f"Saved {outcome.path.name}: Dice on the painted pixels {outcome.scores['live']:.3f} "
+                f"(start model {outcome.scores['start']:.3f}), {outcome.steps} steps. "
+                "The Segment dock now uses it.")
+            show_info(f"Live model saved: {outcome.path}")
+            self.refresh_versions()
+            self.refresh_start()
+        except RuntimeError:  # the dock was closed meanwhile; the session has the new model
+            pass
+
+    def _live_error(self, exc: BaseException) -> None:
+        self.live.reset()
+        message = str(exc) if isinstance(exc, BadInputError) else f"Live mode failed: {type(exc).__name__}: {exc}"
+        try:
+            self.live_status.setText(message)
+        except RuntimeError:
+            pass
+        from napari.utils.notifications import show_error
+
+        show_error(message)
+
+    def _live_finished(self) -> None:
+        self.live_worker = None
+        layer, self._live_layer = self._live_layer, None
+        if layer is not None:
+            layer.events.paint.disconnect(self._live_painted)
+            layer.events.data.disconnect(self._live_data_replaced)
+            if self._erase_capture in layer.mouse_drag_callbacks:
+                layer.mouse_drag_callbacks.remove(self._erase_capture)
+        if self.live.active:  # ended without an outcome
+            self.live.reset()
+        try:
+            self.live_button.setEnabled(True)
+            self.live_button.setChecked(False)
+            self.live_button.setText("Start live")
+            self.next_button.setEnabled(False)
+            self.annotated_combo.setEnabled(True)
+            self.train_button.setEnabled(True)
+        except RuntimeError:
+            pass
