@@ -27,6 +27,18 @@ def _disks(h=64, w=64, seed=0):
     return image, truth
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread: the live loop's worker shares the 2 cores with the GUI thread (and, on a
+    busy machine, with other processes, where 2 threads each slow every step down many times)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny_file(model_dir):
     model = new_model(config=TINY, classes=["background", "object"], name="tiny", seed=0)

@@ -717,15 +717,13 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         names = (prediction_name(pair.image_name), uncertainty_name(pair.image_name))
         layers = self.viewer.layers
         geometry = {"scale": pair.scale, "translate": pair.translate}
-        if names[0] not in layers:
-            import numpy as np
+        import numpy as np
 
-            self.viewer.add_labels(np.zeros(pair.shape, np.uint8), name=names[0], opacity=0.5, **geometry)
-        if names[1] not in layers:
-            import numpy as np
-
+        if names[1] not in layers:  # below the prediction: the classes stay readable
             self.viewer.add_image(np.zeros(pair.shape, np.float32), name=names[1], colormap="magma",
-                                  blending="additive", opacity=0.6, contrast_limits=(0.0, 1.0), **geometry)
+                                  blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0), **geometry)
+        if names[0] not in layers:
+            self.viewer.add_labels(np.zeros(pair.shape, np.uint8), name=names[0], opacity=0.45, **geometry)
         for name, values in zip(names, (pred.classes, pred.uncertainty)):
             layer = layers[name]
             if layer.data.shape != pair.shape:
