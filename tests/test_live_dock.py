@@ -354,3 +354,23 @@ def test_closing_the_viewer_ends_the_live_loop(qtbot, make_napari_viewer, tiny_f
     viewer.close()
     qtbot.waitUntil(lambda: _workers.running() == 0, timeout=20_000)
     assert stop_event.is_set()
+
+
+@pytest.mark.benchmark
+def test_live_latency_benchmark_runs(tmp_path):
+    """Smoke run of benchmarks/live_latency.py (real viewer, real 512² image), so it cannot rot."""
+    import importlib.util
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("stardist") is None:
+        pytest.skip("the stardist package (its sample image) is not installed")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "live_latency.py"
+    out = tmp_path / "live.json"
+    subprocess.run([sys.executable, str(script), "--threads", "1", "--timeout", "60", "--json", str(out)],
+                   check=True, timeout=600)
+    r = json.loads(out.read_text())
+    assert r["stroke_pixels"] > 0 and r["ring_pixels"] > 0
+    assert r["stroke_to_reflected_s"] is not None and r["worst_gap_s"] < 5
