@@ -1,7 +1,7 @@
 """The live correction loop with a simulated user: live fine-tuning against a random forest.
 
     python benchmarks/interactive.py [--quick] [--tasks skin ventricles] [--rounds 12]
-                                     [--seconds 5] [--seeds 0 1] [--region-seeds 0]
+                                     [--seconds 5 | --steps N] [--seeds 0 1] [--region-seeds 0]
                                      [--json OUT] [--figure OUT.png] [--threads 2]
 
 Tasks (2-D, one image each, real data from package wheels, both outside what
@@ -30,7 +30,8 @@ distance transform). Strokes accumulate.
 Methods:
 
 * ``ours``: one :class:`LiveTrainer` per run, continued across rounds:
-  ``submit`` the accumulated strokes, ``train(seconds=--seconds)``, predict
+  ``submit`` the accumulated strokes, ``train(seconds=--seconds)`` (or
+  ``train(steps=--steps)``: the same learning per round on any load), predict
   (argmax of :meth:`LiveTrainer.probabilities`).
 * ``rf``: scikit-image's trainable segmentation, the ilastik-style baseline:
   ``multiscale_basic_features`` (computed once per image, counted in round 0)
@@ -206,10 +207,10 @@ class Annotator:
 class Ours:
     name = "ours"
 
-    def __init__(self, task: str, image: np.ndarray, seed: int, seconds: float) -> None:
+    def __init__(self, task: str, image: np.ndarray, seed: int, seconds: float, steps: int | None = None) -> None:
         from napari_jointattn.engine.live import LiveTrainer
 
-        self.image, self.seconds = image, seconds
+        self.image, self.seconds, self.steps = image, seconds, steps
         spec = TASKS.get(task, TASKS["skin"])
         self.live = LiveTrainer(spec["start"], classes=spec["classes"], seed=seed, device="cpu")
         self.probs: np.ndarray | None = None
@@ -218,7 +219,10 @@ class Ours:
     def round(self, labels: np.ndarray, annotated: np.ndarray) -> tuple[np.ndarray, float]:
         t = time.perf_counter()
         self.live.submit([self.image], [labels.copy()], masks=[annotated.copy()])
-        self.last = self.live.train(seconds=self.seconds)
+        if self.steps:  # a fixed amount of learning per round, whatever the machine's load
+            self.last = self.live.train(steps=self.steps)
+        else:
+            self.last = self.live.train(seconds=self.seconds)
         self.probs = self.live.probabilities(self.image)
         return self.probs.argmax(0) == 1, time.perf_counter() - t
 
@@ -227,7 +231,8 @@ class Ours:
 
         return {k: v for k, v in dataclasses.asdict(self.live.settings).items()
                 if k in ("batch_size", "crop", "lr", "augment", "seed", "crop_sampling", "upsample", "head",
-                         "dice_weight", "weight_decay")} | {"burst_seconds": self.seconds}
+                         "dice_weight", "weight_decay")} | (
+            {"burst_steps": self.steps} if self.steps else {"burst_seconds": self.seconds})
 
 
 class Forest:
@@ -276,7 +281,7 @@ def run(task: str, image: np.ndarray, truth: np.ndarray, method: str, seed: int,
     if method == "rf":
         m = Forest(task, image, seed, args.threads)
     else:
-        m = Ours(task, image, seed, args.seconds)
+        m = Ours(task, image, seed, args.seconds, args.steps)
     ann = Annotator(truth, args.brush)
     rng = np.random.default_rng(1000 + seed)
     rows, total = [], 0.0
@@ -298,6 +303,7 @@ def run(task: str, image: np.ndarray, truth: np.ndarray, method: str, seed: int,
                "annotated_px": int(ann.annotated.sum()), "stroke_px": ann.strokes[-1]["pixels"]}
         if method != "rf":
             row["steps"] = m.last.get("steps")
+            row["train_s"] = round(m.last.get("seconds", 0.0), 3)  # the burst; the rest is predicting
         rows.append(row)
         print(f"  {task} {method} seed {seed} round {r}: Dice {d:.3f}, {spent:.1f} s "
               f"(total {total:.1f} s), annotated {row['annotated_px']} px", flush=True)
@@ -435,6 +441,8 @@ def main(argv=None) -> dict:
     p.add_argument("--methods", nargs="+", default=list(LABELS), choices=list(LABELS))
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--seconds", type=float, default=5.0, help="training seconds per round (ours)")
+    p.add_argument("--steps", type=int, help="training steps per round instead of --seconds (ours): "
+                                            "rounds that do not depend on the machine's load")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of ours and the forest")
     p.add_argument("--region-seeds", type=int, nargs="+", default=[0], help="seeds of the region-choice runs")
     p.add_argument("--brush", type=float, default=6.0, help="stroke radius in pixels")
