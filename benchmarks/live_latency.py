@@ -49,7 +49,7 @@ def stardist_pair() -> tuple[np.ndarray, np.ndarray]:
     spec = importlib.util.find_spec("stardist")
     if spec is None or not spec.submodule_search_locations:
         raise SystemExit("the stardist package (its sample images) is not installed")
-    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "images"
+    folder = Path(next(iter(spec.submodule_search_locations))) / "data" / "images"
     return tifffile.imread(folder / "img2d.tif"), tifffile.imread(folder / "mask2d.tif")
 
 

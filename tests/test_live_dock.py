@@ -231,7 +231,11 @@ class GapMeter:
 def _erase_drag(layer, points):
     """An erase stroke with the mouse, through napari's own mouse-callback machinery."""
     from napari.utils._test_utils import read_only_mouse_event
-    from napari.utils.interactions import mouse_move_callbacks, mouse_press_callbacks, mouse_release_callbacks
+    from napari.utils.interactions import (
+        mouse_move_callbacks,
+        mouse_press_callbacks,
+        mouse_release_callbacks,
+    )
 
     layer.mode = "erase"
     kinds = ["mouse_press"] + ["mouse_move"] * (len(points) - 2) + ["mouse_release"]
@@ -374,3 +378,36 @@ def test_live_latency_benchmark_runs(tmp_path):
     r = json.loads(out.read_text())
     assert r["stroke_pixels"] > 0 and r["ring_pixels"] > 0
     assert r["stroke_to_reflected_s"] is not None and r["worst_gap_s"] < 5
+
+
+def test_live_controller_imports_no_qt():
+    import subprocess
+    import sys
+
+    code = ("import sys; import napari_jointattn.controllers.live; "
+            "bad = [m for m in ('qtpy', 'PyQt6', 'PyQt5', 'PySide6') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_next_moves_to_another_slice_of_a_stack(qtbot, live_dock):
+    viewer, ft = live_dock
+    image, truth = _disks(64, 64)
+    stack = np.stack([image] * 4)
+    viewer.add_image(stack, name="stack")
+    layer = viewer.add_labels(np.zeros(stack.shape, np.int32), name="stack labels")
+    viewer.dims.set_point(0, 1)
+    ft.annotated_combo.setCurrentText("whole slices I painted on")
+    ft.live_button.click()
+    assert ft.live.active and ft.live.view_slice == 1
+    qtbot.waitUntil(lambda: "stack live prediction" in viewer.layers, timeout=20_000)
+    assert viewer.layers["stack live prediction"].data.shape == stack.shape
+    layer.brush_size = 7
+    layer.paint((1, 20, 20), 1)  # slice 1 (in view) is now annotated as a whole
+    qtbot.waitUntil(lambda: ft.live.submitted >= 1, timeout=5_000)
+    ft.next_button.click()
+    qtbot.waitUntil(lambda: viewer.dims.current_step[0] != 1, timeout=20_000)
+    assert ft.live.view_slice == viewer.dims.current_step[0]  # the loop follows the view
+    qtbot.waitUntil(lambda: viewer.layers["stack live prediction"].data[viewer.dims.current_step[0]].any()
+                    or viewer.layers["stack uncertainty"].data[viewer.dims.current_step[0]].any(), timeout=20_000)
+    ft.live_button.click()
+    qtbot.waitUntil(lambda: ft.live_worker is None, timeout=30_000)

@@ -22,6 +22,7 @@ my corrections* does. The user's labels layer is only read, never written.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 import time
@@ -240,18 +241,18 @@ class LiveController:
         shape = self.pair.shape
         plane_shape = shape[-2:]
         radius = math.floor(brush_size / 2) + 0.5
-        r = int(math.floor(radius))
+        r = math.floor(radius)
         dy, dx = np.mgrid[-r: r + 1, -r: r + 1]
         disk = dy ** 2 + dx ** 2 <= radius ** 2
         before = int(self.painted.sum())
         path = [pts[0]]
-        for a, b in zip(pts[:-1], pts[1:]):
+        for a, b in itertools.pairwise(pts):
             n = int(np.ceil(np.abs(b[-2:] - a[-2:]).max() / max(1.0, radius / 2)))
             path += [a + (b - a) * t for t in np.linspace(0, 1, n + 1)[1:]]
         for p in path:
-            cy, cx = int(round(p[-2])), int(round(p[-1]))
+            cy, cx = round(float(p[-2])), round(float(p[-1]))
             if len(shape) == 3:
-                z = int(round(p[0]))
+                z = round(float(p[0]))
                 if not 0 <= z < shape[0]:
                     continue
                 plane = self.painted[z]
