@@ -1,4 +1,4 @@
-"""Command line: ``napari-jointattn segment | evaluate | train | models``.
+"""Command line: ``napari-jointattn segment | evaluate | train | export | models``.
 
 Bad input exits with status 2 and one line on stderr, never a traceback, and
 never leaves a partial output file (every write is atomic; SIGINT and SIGTERM
@@ -107,6 +107,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--axis", type=_axis, default=None)
     t.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+
+    x = sub.add_parser("export", help="export a model for other software (bioimage.io, ONNX, TorchScript)",
+                       description="Export a model: a bioimage.io package (.zip), ONNX (.onnx) or "
+                                   "TorchScript (.pt, with a .json sidecar). See docs/export.md.")
+    x.add_argument("model", metavar="MODEL", help="preset name or model file")
+    x.add_argument("--format", required=True, choices=("bioimageio", "onnx", "torchscript"))
+    x.add_argument("--out", required=True, metavar="PATH",
+                   help="output file: .zip (bioimageio), .onnx or .pt; replaced if it exists")
+    x.add_argument("--sample", metavar="IMAGE",
+                   help="2-D image for the checks, test tensors and cover (default: a bundled sample)")
 
     m = sub.add_parser("models", help="list presets and saved models")
     m.add_argument("--json", action="store_true", help="print full metadata as JSON")
@@ -293,6 +303,24 @@ def cmd_train(args) -> int:
     return 128 + int(interrupted[0]) if interrupted else 0
 
 
+def cmd_export(args) -> int:
+    from .engine.export import export_model
+    from .engine.files import check_regular_file
+
+    if args.sample is not None:
+        check_regular_file(args.sample, "image file")
+    result = export_model(args.model, args.format, args.out, sample=args.sample)
+    print(f"{_show(result.path)}: {args.format} export in {result.seconds:.1f} s"
+          + "".join(f", {_show(p.name)}" for p in result.files[1:]))
+    diffs = result.checks.get("max_abs_difference")
+    if diffs is not None:
+        print(f"  checked against PyTorch at {result.checks['sizes']}: max abs difference "
+              f"{json.dumps(diffs)}")
+    if "bioimageio" in result.checks:
+        print(f"  bioimageio.core validation and test run: {result.checks['bioimageio']}")
+    return 0
+
+
 def cmd_models(args) -> int:
     from .engine.metadata import finite_json, list_models, model_dir  # headers only: no torch
 
@@ -360,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     from .engine.errors import one_line
 
     command = {"segment": cmd_segment, "evaluate": cmd_evaluate, "train": cmd_train,
-               "models": cmd_models}[args.command]
+               "models": cmd_models, "export": cmd_export}[args.command]
     try:
         with _quiet_and_interruptible():
             return command(args)

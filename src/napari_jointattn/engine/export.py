@@ -44,7 +44,7 @@ from torch import nn
 
 from .._version import __version__
 from .errors import BadInputError
-from .files import atomic_path, check_regular_file
+from .files import atomic_path
 from .metadata import finite_json
 from .models import Model, load_model
 from .normalize import normalize
@@ -129,14 +129,14 @@ def usage(model: Model) -> dict:
     else:
         classify = "argmax over the class axis"
     steps = [
-        f"1. normalise: per {'2-D image' if norm.per == 'image' else 'volume (all slices together)'}, "
+        (f"1. normalise: per {'2-D image' if norm.per == 'image' else 'volume (all slices together)'}, "
         f"lo, hi = the {low:g}th and {high:g}th percentiles of the finite pixels (all channels), "
         "x = clip((raw - lo) / (hi - lo), -10, 10) as float32 (0 where hi == lo); NaN/inf pixels "
-        "are set to lo and labelled background at the end",
+        "are set to lo and labelled background at the end"),
         "2. lay out as (batch, channel, y, x); slices of a volume are separate batch entries",
-        "3. run the graph: output (batch, class, y, x) softmax probabilities "
+        ("3. run the graph: output (batch, class, y, x) softmax probabilities "
         "(images larger than 512 px: segment() blends 512-px tiles with 25 % overlap and "
-        "Gaussian weights; one pass over the whole image differs slightly near tile seams)",
+        "Gaussian weights; one pass over the whole image differs slightly near tile seams)"),
         f"4. class ids: {classify}",
     ]
     if post.instances:
@@ -469,15 +469,20 @@ def _readme(model: Model, meta: dict) -> str:
     lines = [
         f"# {model.name} (napari-jointattn)", "",
         model.description or "A joint-attention DenseUNet exported by napari-jointattn.", "",
-        "Input `input`: (batch, channel, y, x) float32 intensities; the package's preprocessing "
+        ("Input `input`: (batch, channel, y, x) float32 intensities; the package's preprocessing "
         "(`scale_range` then `clip`) normalises raw images as napari-jointattn does. "
-        f"At least {meta['input']['min_size']} px a side; any size (padding is inside the graph).", "",
+        f"At least {meta['input']['min_size']} px a side; any size (padding is inside the graph)."), "",
         "Output `output`: (batch, class, y, x) softmax class probabilities for the classes "
         + ", ".join(f"{i} = {c}" for i, c in enumerate(model.classes)) + ".", "",
         "## From the output to napari-jointattn's labels", "",
         *[f"{s}" for s in meta["labels_from_output"]], "",
         "## Settings", "",
         "```json", json.dumps({k: meta[k] for k in ("normalization", "postprocess")}, indent=2), "```", "",
+        "# Validation", "",
+        "The export compared both weight formats with the PyTorch model (maximum absolute difference "
+        "of the probabilities): " + json.dumps(meta.get("verification", {}).get("max_abs_difference", {}))
+        + f"; tolerance {TOLERANCE}. bioimageio.core then validated this package and test-ran it "
+        "(test output reproduced, batch sizes 1 and 2 at several sizes).", "",
         f"Method: {CITATION['text']} doi:{CITATION['doi']}", "",
         "Provenance (training record, scores): `config.napari_jointattn` in rdf.yaml.", "",
     ]
@@ -550,26 +555,54 @@ def _rdf(model: Model, meta: dict, files: dict[str, str], test_shape: tuple[int,
     }
 
 
-def validate_package(path: str | os.PathLike, *, run: bool = True) -> dict:
+def validate_package(path: str | os.PathLike, *, run: bool = True, weight_format: str | None = None,
+                     stop_early: bool = False) -> dict:
     """Validate a bioimage.io package with ``bioimageio.core`` and (``run``) test-run it.
 
-    Returns ``{"status", "format", "errors"}``: ``status`` is ``"passed"`` only when the
-    description is valid and every weight format reproduces the test output.
+    The test run loads each weight format (or only ``weight_format``), runs the
+    package's preprocessing, the weights and the postprocessing on the test input,
+    compares with the test output, and runs batch sizes 1 and 2 at three sizes.
+    Returns ``{"status", "format", "errors", "summary"}``: ``status`` is ``"passed"``
+    only when all of that passed. The caller's random states are left as they were
+    (the test run seeds NumPy's and PyTorch's global generators).
     """
     _need("bioimageio.core", "bioimageio")
     from bioimageio.core import test_model
     from bioimageio.spec import load_description
 
     path = Path(path)
-    with _quiet_bioimageio():
+    with _quiet_bioimageio(), _kept_random_state():
         descr = load_description(path, perform_io_checks=True)
         fmt = descr.validation_summary.status
         if run and fmt in ("passed", "valid-format"):
-            summary = test_model(path)
+            summary = test_model(path, weight_format=weight_format, stop_early=stop_early)
         else:
             summary = descr.validation_summary
-    errors = [f"{'.'.join(map(str, e.loc))}: {e.msg}" for d in summary.details for e in d.errors]
-    return {"status": summary.status, "format": fmt, "errors": errors, "summary": summary}
+    return {"status": summary.status, "format": fmt, "errors": _errors(summary), "summary": summary}
+
+
+def _errors(summary) -> list[str]:
+    out = []
+    for d in summary.details:
+        for e in d.errors:
+            loc = ".".join(map(str, e.loc))
+            out.append(f"{d.name}: {loc + ': ' if loc else ''}{e.msg}".replace("\n", " "))
+    return out
+
+
+@contextlib.contextmanager
+def _kept_random_state():
+    import random
+
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(),
+              torch.are_deterministic_algorithms_enabled())
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        torch.use_deterministic_algorithms(states[3])
 
 
 @contextlib.contextmanager
@@ -615,7 +648,8 @@ def _export_bioimageio(model: Model, net: ExportNet, raw: np.ndarray, path: Path
         with _quiet_bioimageio(), ValidationContext(root=folder, perform_io_checks=True):
             descr = build_description(rdf)
         if descr.validation_summary.status not in ("passed", "valid-format"):
-            raise BadInputError("bioimage.io description is invalid: " + _first_error(descr.validation_summary))
+            raise BadInputError("bioimage.io description is invalid: "
+                                + next(iter(_errors(descr.validation_summary)), descr.validation_summary.status))
         with atomic_path(path) as tmp:
             staged = tmp.with_name(tmp.name + ".zip")
             try:
@@ -632,10 +666,3 @@ def _export_bioimageio(model: Model, net: ExportNet, raw: np.ndarray, path: Path
     with zipfile.ZipFile(path) as zf:
         result.files = [path]
         result.checks = {**meta["verification"], "bioimageio": check["status"], "package": sorted(zf.namelist())}
-
-
-def _first_error(summary) -> str:
-    for d in summary.details:
-        for e in d.errors:
-            return f"{'.'.join(map(str, e.loc))}: {e.msg}"
-    return summary.status
