@@ -578,7 +578,11 @@ def validate_package(path: str | os.PathLike, *, run: bool = True, weight_format
             summary = test_model(path, weight_format=weight_format, stop_early=stop_early)
         else:
             summary = descr.validation_summary
-    return {"status": summary.status, "format": fmt, "errors": _errors(summary), "summary": summary}
+    failed = any(d.status == "failed" for d in summary.details)
+    # bioimageio.core can report "valid-format" for a package whose test run failed: any failed
+    # step means failed here
+    status = "failed" if failed or summary.status == "failed" else summary.status
+    return {"status": status, "format": fmt, "errors": _errors(summary), "summary": summary}
 
 
 def _errors(summary) -> list[str]:
