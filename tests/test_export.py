@@ -5,6 +5,7 @@ is checked under ``-m slow``. The snippets of docs/export.md are extracted and r
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -37,6 +38,15 @@ SAMPLE = Path(ex.__file__).resolve().parents[1] / "samples" / "nuclei_dsb2018.ti
 SIZES = [(256, 256), (384, 320)]
 #: the export's own checks, test tensors and cover use this crop of the sample (small: fast)
 SMALL = (slice(200, 264), slice(180, 260))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny networks: one thread is faster than two fighting other jobs for the same cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def doc_blocks() -> list[str]:
@@ -141,8 +151,9 @@ def test_torchscript_runs_in_a_fresh_process_without_the_package(tiny, raw, tmp_
     work.mkdir()
     for name in ("tiny.pt", "image.npy", "run.py"):
         shutil.move(str(tmp_path / name), work / name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-I", "run.py"], cwd=work, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
     got = np.load(work / "probs.npy")

@@ -437,7 +437,8 @@ def _check_torchscript(net: ExportNet, tmp: Path, inputs: list[np.ndarray]) -> l
     loaded = torch.jit.load(str(tmp), map_location="cpu")
     diffs = []
     for x in inputs:
-        with torch.no_grad():
+        # the plain interpreter: the profiling executor's passes would cost seconds for a single call
+        with torch.no_grad(), torch.jit.optimized_execution(False):
             got = loaded(torch.from_numpy(np.ascontiguousarray(x))).numpy()
         diffs.append(_compare(f"TorchScript at {x.shape[2]} x {x.shape[3]}", _run_torch(net, x), got))
     return diffs
@@ -575,7 +576,8 @@ def validate_package(path: str | os.PathLike, *, run: bool = True, weight_format
         descr = load_description(path, perform_io_checks=True)
         fmt = descr.validation_summary.status
         if run and fmt in ("passed", "valid-format"):
-            summary = test_model(path, weight_format=weight_format, stop_early=stop_early)
+            with torch.jit.optimized_execution(False):  # as in _check_torchscript
+                summary = test_model(path, weight_format=weight_format, stop_early=stop_early)
         else:
             summary = descr.validation_summary
     failed = any(d.status == "failed" for d in summary.details)
