@@ -130,7 +130,7 @@ def usage(model: Model) -> dict:
         classify = "argmax over the class axis"
     steps = [
         (f"1. normalise: per {'2-D image' if norm.per == 'image' else 'volume (all slices together)'}, "
-        f"lo, hi = the {low:g}th and {high:g}th percentiles of the finite pixels (all channels), "
+        f"lo, hi = percentiles {low:g} and {high:g} of the finite pixels (all channels), "
         "x = clip((raw - lo) / (hi - lo), -10, 10) as float32 (0 where hi == lo); NaN/inf pixels "
         "are set to lo and labelled background at the end"),
         "2. lay out as (batch, channel, y, x); slices of a volume are separate batch entries",
