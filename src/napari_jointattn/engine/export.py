@@ -458,11 +458,13 @@ def _cover(model: Model, raw: np.ndarray, probs: np.ndarray, target: Path) -> No
     colour[labels == 0] = 0
     blend = (0.45 * np.repeat(grey[..., None], 3, axis=2) + 0.55 * colour).astype(np.uint8)
     blend[labels == 0] = np.repeat(grey[..., None], 3, axis=2)[labels == 0] // 2
-    left = Image.fromarray(grey).convert("RGB").resize((256, 256), Image.NEAREST)
-    right = Image.fromarray(blend).resize((256, 256), Image.NEAREST)
+    h, w = grey.shape
+    scale = 256 / max(h, w)  # keep the aspect ratio: each panel fits a 256 x 256 square
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    at = ((256 - size[0]) // 2, (256 - size[1]) // 2)
     sheet = Image.new("RGB", (512, 256))
-    sheet.paste(left, (0, 0))
-    sheet.paste(right, (256, 0))
+    sheet.paste(Image.fromarray(grey).convert("RGB").resize(size, Image.NEAREST), at)
+    sheet.paste(Image.fromarray(blend).resize(size, Image.NEAREST), (256 + at[0], at[1]))
     sheet.save(target, format="PNG")
 
 
