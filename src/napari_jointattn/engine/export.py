@@ -574,7 +574,7 @@ def validate_package(path: str | os.PathLike, *, run: bool = True, weight_format
     from bioimageio.spec import load_description
 
     path = Path(path)
-    with _quiet_bioimageio(), _kept_random_state():
+    with _quiet_bioimageio(), kept_random_state():
         descr = load_description(path, perform_io_checks=True)
         fmt = descr.validation_summary.status
         if run and fmt in ("passed", "valid-format"):
@@ -599,14 +599,19 @@ def _errors(summary) -> list[str]:
 
 
 @contextlib.contextmanager
-def _kept_random_state():
+def kept_random_state():
     import random
 
     states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(),
               torch.are_deterministic_algorithms_enabled())
+    env = os.environ.get("TF_ENABLE_ONEDNN_OPTS")  # the test run sets it
     try:
         yield
     finally:
+        if env is None:
+            os.environ.pop("TF_ENABLE_ONEDNN_OPTS", None)
+        else:
+            os.environ["TF_ENABLE_ONEDNN_OPTS"] = env
         random.setstate(states[0])
         np.random.set_state(states[1])
         torch.random.set_rng_state(states[2])
