@@ -247,6 +247,10 @@ def test_bad_exports_fail_clearly_and_leave_nothing(tiny, raw, tmp_path, monkeyp
     with pytest.raises(BadInputError, match="pip install onnx onnxruntime"):
         ex.export_model(tiny, "onnx", tmp_path / "m.onnx")
     monkeypatch.undo()
+    monkeypatch.setitem(sys.modules, "bioimageio.core", None)
+    with pytest.raises(BadInputError, match="needs the package 'bioimageio.core': pip install bioimageio.core"):
+        ex.export_model(tiny, "bioimageio", tmp_path / "m.zip")
+    monkeypatch.undo()
     # a check that fails (here: a zero tolerance) leaves neither the file nor its sidecar
     monkeypatch.setattr(ex, "TOLERANCE", -1.0)
     with pytest.raises(BadInputError, match="differs from PyTorch"):
