@@ -638,7 +638,11 @@ def _export_bioimageio(model: Model, net: ExportNet, raw: np.ndarray, path: Path
     inputs = [x, _second_size(x, net.multiple)]
     names = {"torchscript": "weights_torchscript.pt", "onnx": "weights.onnx", "test_input": "test_input.npy",
              "test_output": "test_output.npy", "cover": "cover.png", "readme": "README.md"}
-    with tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent) as work:
+    try:
+        workspace = tempfile.TemporaryDirectory(prefix=".export-", dir=path.parent)
+    except OSError as exc:
+        raise BadInputError(f"cannot write to {path.parent}: {exc.strerror or exc}") from exc
+    with workspace as work:
         folder = Path(work)
         _write_torchscript(net, x, folder / names["torchscript"], meta)
         ts_diffs = _check_torchscript(net, folder / names["torchscript"], inputs)
