@@ -149,3 +149,18 @@ def test_intensity_augmentation_changes_the_image_alone_and_the_seed_repeats_a_b
     assert not torch.allclose(a[0], g[0], atol=1e-3)  # the image does
     c = full(np.random.default_rng(8))
     assert not torch.equal(a[0], c[0])
+
+
+def test_attention_scale_and_mixing_weights_are_not_decayed():
+    from napari_jointattn.engine.models import new_model
+    from napari_jointattn.engine.training.schedule import optimizer
+
+    net = new_model("nuclei").net
+    opt = optimizer(net, TrainSettings(weight_decay=0.01))
+    names = {id(p): n for n, p in net.named_parameters()}
+    decayed, free = opt.param_groups
+    assert decayed["weight_decay"] == 0.01 and free["weight_decay"] == 0.0
+    free_names = sorted(names[id(p)] for p in free["params"])
+    assert free_names and all(n.endswith("gamma") or ".mix." in n for n in free_names)
+    assert sum(n.endswith("gamma") for n in free_names) == 3  # one per module
+    assert len(decayed["params"]) + len(free["params"]) == len(names)

@@ -34,6 +34,7 @@ from .models import Model
 from .training.augment import CropBatches, CropCentres
 from .training.data import Sample, build_samples
 from .training.loss import masked_loss
+from .training.schedule import optimizer
 from .training.settings import TrainSettings
 from .training.start import _parent_name, _start_model
 from .training.validation import validation_dice
@@ -79,8 +80,7 @@ class LiveTrainer:
         for d in self.net.modules():
             if isinstance(d, Dropout2d):
                 d.generator = gen
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=self.settings.lr,
-                                     weight_decay=self.settings.weight_decay)
+        self.opt = optimizer(self.net, self.settings)
         self._lock = threading.Lock()  # guards _pending
         self._pending: tuple | None = None
         self._net_lock = threading.RLock()  # one thread trains or predicts at a time

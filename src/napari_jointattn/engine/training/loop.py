@@ -21,7 +21,7 @@ from .augment import CropBatches, CropCentres
 from .checkpoint import _jsonable, _load_checkpoint, _save_checkpoint
 from .data import build_samples
 from .loss import masked_loss
-from .schedule import _set_lr
+from .schedule import _set_lr, optimizer
 from .settings import TrainResult, TrainSettings
 from .start import _decide_head, _decide_upsample, _fmt, _parent_name, _start_model
 from .validation import calibrate_threshold, validation_dice
@@ -102,7 +102,7 @@ def train(
     model.normalization = model.normalization.replace(upsample=upsample)
     head = _decide_head(model, samples, settings.head, device, reset_already=head_reset,
                         seed=settings.seed)
-    opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    opt = optimizer(net, settings)
     total_steps = settings.epochs * settings.steps_per_epoch
     val_every = settings.val_every or max(1, settings.steps_per_epoch // 4)
     batches = CropBatches(samples, settings, CropCentres(samples, settings.crop_sampling), upsample)

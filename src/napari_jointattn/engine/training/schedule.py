@@ -6,6 +6,26 @@ import math
 
 from .settings import TrainSettings
 
+#: parameters never decayed: attention's residual scale and mixing weights start at (or near) the
+#: identity and must be free to grow; weight decay would pull every module back to "off"
+NO_DECAY = ("gamma", ".mix.")
+
+
+def optimizer(net, settings: TrainSettings):
+    """AdamW with ``settings.weight_decay`` on every parameter except :data:`NO_DECAY` ones."""
+    import torch
+
+    def free(name: str) -> bool:
+        return any(part in f".{name}." for part in (".gamma.", *NO_DECAY[1:]))
+
+    named = list(net.named_parameters())
+    decayed = [p for n, p in named if not free(n)]
+    free = [p for n, p in named if free(n)]
+    groups = [{"params": decayed, "weight_decay": settings.weight_decay}]
+    if free:
+        groups.append({"params": free, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=settings.lr)
+
 
 def _set_lr(opt, settings: TrainSettings, step_fraction: float, elapsed: float) -> None:
     """Short warm-up, then cosine decay over whichever budget runs out first."""
