@@ -31,6 +31,17 @@ NO_PAIR = ("no image/labels pair: choose an image and a Labels layer of its size
 CORRECTION_EXTRA = 4.0
 
 
+def resolve_start(session: Session, key: str | None) -> str:
+    """A start-model key: "current Segment model" (or none) is the session's current model:
+    the Segment dock's model, else the first preset with bundled weights."""
+    if key in (None, "", CURRENT):
+        current = session.current_model()
+        if not current:
+            raise BadInputError("no model is installed: choose a start model file")
+        return current
+    return key
+
+
 @dataclass
 class TrainRequest:
     pairs: list[tuple[str, str]]
@@ -127,14 +138,7 @@ class FinetuneController:
         return out
 
     def resolve_start(self, key: str | None) -> str:
-        """A start-model key: "current Segment model" (or none) is the session's current model:
-        the Segment dock's model, else the first preset with bundled weights."""
-        if key in (None, "", CURRENT):
-            current = self.session.current_model()
-            if not current:
-                raise BadInputError("no model is installed: choose a start model file")
-            return current
-        return key
+        return resolve_start(self.session, key)
 
     # summary ----------------------------------------------------------------
     def summary_input(self, pairs, start: str | None) -> SummaryInput:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.errors import BadInputError
-from .finetune import CORRECTION_EXTRA, CURRENT, NO_PAIR
+from .finetune import CORRECTION_EXTRA, NO_PAIR, resolve_start
 from .layers import layer_input
 from .session import Session, session_for
 
@@ -176,7 +176,7 @@ class LiveController:
             raise BadInputError(f"live mode takes a 2-D image or a stack of 2-D planes, not shape "
                                 f"{tuple(inp.spatial_shape)}")
         data = inp.data if inp.channel_axis is None else np.moveaxis(inp.data, inp.channel_axis, -1)
-        self.start_key = self._resolve_start(start)
+        self.start_key = resolve_start(self.session, start)
         self.pair = _Pair(image_name, labels_name, data, None if inp.channel_axis is None else data.ndim - 1,
                           tuple(inp.spatial_shape), inp.scale, inp.translate,
                           (layers[image_name].unique_id, layers[labels_name].unique_id))
@@ -191,14 +191,6 @@ class LiveController:
         self._uncertainty = {}
         self._visited = []
         self._value_range = None
-
-    def _resolve_start(self, key: str | None) -> str:
-        if key in (None, "", CURRENT):
-            current = self.session.current_model()
-            if not current:
-                raise BadInputError("no model is installed: choose a start model file")
-            return current
-        return key
 
     def pair_present(self) -> bool:
         """Whether both layers of the pair are still in the viewer (the same layers)."""
