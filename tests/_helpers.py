@@ -141,3 +141,17 @@ def nifti_bomb(path, shape=(1000, 1000, 1000)):
     hdr["vox_offset"] = 352
     path.write_bytes(gzip.compress(hdr.binaryblock + b"\x00" * 4 + bytes(4096)))
     return path
+
+
+def disks(h=64, w=64, seed=0):
+    """A noisy image of five bright disks and its 0/1 truth (int32)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    truth = np.zeros((h, w), np.int32)
+    for _ in range(5):
+        cy, cx = rng.integers(8, h - 8), rng.integers(8, w - 8)
+        truth[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 1
+    image = (truth * 0.8 + rng.normal(0, 0.1, (h, w))).astype(np.float32)
+    return image, truth

@@ -135,7 +135,5 @@ def test_api_names_resolve_lazily():
 
     assert napari_jointattn.segment.__module__ == "napari_jointattn.engine.inference"
     assert set(napari_jointattn.__all__) <= set(dir(napari_jointattn))
-    import pytest as _pytest
-
-    with _pytest.raises(AttributeError):
+    with pytest.raises(AttributeError):
         napari_jointattn.no_such_name  # noqa: B018

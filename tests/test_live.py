@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from _helpers import disks
 from napari_jointattn.engine.errors import BadInputError
 from napari_jointattn.engine.live import LiveTrainer
 from napari_jointattn.engine.models import new_model
@@ -23,14 +24,7 @@ def _tiny(seed=0):
 
 
 def _disks(h=64, w=64, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    truth = np.zeros((h, w), np.int32)
-    for _ in range(5):
-        cy, cx = rng.integers(8, h - 8), rng.integers(8, w - 8)
-        truth[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 1
-    image = (truth * 0.8 + rng.normal(0, 0.1, (h, w))).astype(np.float32)
-    return image, truth
+    return disks(h, w, seed)
 
 
 def test_live_trainer_learns_from_strokes_and_leaves_the_start_model_alone():

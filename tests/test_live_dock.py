@@ -5,6 +5,7 @@ import time
 import numpy as np
 import pytest
 
+from _helpers import disks
 from napari_jointattn.engine.errors import BadInputError
 from napari_jointattn.engine.models import load_model, new_model, save_model
 from napari_jointattn.model.denseunet import DenseUNetConfig
@@ -17,14 +18,7 @@ FAST = {"batch_size": 2, "crop": 32, "lr": 1e-2, "seed": 1}
 
 
 def _disks(h=64, w=64, seed=0):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    truth = np.zeros((h, w), np.int32)
-    for _ in range(5):
-        cy, cx = rng.integers(8, h - 8), rng.integers(8, w - 8)
-        truth[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = 1
-    image = (truth * 0.8 + rng.normal(0, 0.1, (h, w))).astype(np.float32)
-    return image, truth
+    return disks(h, w, seed)
 
 
 @pytest.fixture(autouse=True)
