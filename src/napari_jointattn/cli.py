@@ -42,6 +42,16 @@ def _axis(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _seed(text: str) -> int:
     try:
         value = int(text)
@@ -79,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
                         "DIR/<stem>_attention_<map>.tif (.nii.gz for NIfTI input)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (default: skip inputs whose outputs exist)")
+    where = s.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=_positive, default=None, metavar="N",
+                       help="segment files in parallel on a local dask cluster of N worker processes")
+    where.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                       help="segment files on a running dask.distributed cluster (e.g. tcp://host:8786); "
+                            "its workers must see the same paths (docs/scale.md)")
 
     e = sub.add_parser("evaluate", help="score a model against reference labels (prints JSON)")
     e.add_argument("--model", default="nuclei", help="preset name or model file")
@@ -147,64 +163,60 @@ class _Progress:
 
 
 def cmd_segment(args) -> int:
-    import numpy as np
+    from .engine.cluster import segment_files
+    from .engine.batch import JobResult
 
-    from .engine.batch import plan_segment
-    from .engine.devices import resolve_device
-    from .engine.errors import BadInputError
-    from .engine.imageio import read_image, write_attention, write_labels
-    from .engine.models import load_model
-    from .engine.inference import attention_map_keys, segment
+    def on_plan(plan) -> None:
+        for path, reason in plan.skipped:
+            print(f"skipped {_show(path)}: {_show(reason)}", file=sys.stderr)
+        if not plan.jobs:
+            print(f"nothing to segment ({len(plan.skipped)} input(s) skipped)", file=sys.stderr)
+        elif distributed:
+            bar.total = len(plan.jobs)
+            bar.refresh()
 
-    device = resolve_device(args.device)
-    model = load_model(args.model)
-    maps = [key.name for key in attention_map_keys(model)] if args.attention else []
-    plan = plan_segment(args.inputs, args.out, maps, overwrite=args.overwrite)
-    for path, reason in plan.skipped:
-        print(f"skipped {_show(path)}: {_show(reason)}", file=sys.stderr)
-    if not plan.jobs:
-        print(f"nothing to segment ({len(plan.skipped)} input(s) skipped)", file=sys.stderr)
-        return 0
-    out = Path(args.out)
+    def on_result(item) -> None:
+        if not isinstance(item, JobResult):
+            path, reason = item  # the reason names the file
+            print(f"{PROG}: error: {_show(reason)}", file=sys.stderr)
+        else:
+            for warning in item.fit_warnings:
+                print(f"{PROG}: warning: {_show(item.input.name)}: {_show(warning)}", file=sys.stderr)
+            print(f"{_show(item.input.name)}: {item.found}, {item.seconds:.2f} s on {item.device} -> "
+                  + ", ".join(_show(w) for w in item.written), flush=True)
+            for note in item.notes:
+                print(f"  note: {_show(note)}", file=sys.stderr)
+        if distributed:
+            bar.update(1)
+
+    distributed = args.workers is not None or args.scheduler is not None
+    from tqdm import tqdm
+
+    bar = tqdm(desc="files", unit="file", file=sys.stderr, leave=False,
+               disable=not (distributed and sys.stderr.isatty()))
     try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise BadInputError(f"cannot create output folder {out}: {exc.strerror or exc}") from exc
-    for job in plan.jobs:
-        path = job.input
-        img = read_image(path)
-        _warn_fit(model, img, path)
-        bar = _Progress(path.name)
-        try:
-            result = segment(img, model, device=device, tile=args.tile, axis=args.axis,
-                             attention=args.attention, callback=bar)
-        finally:
-            bar.close()
-        target = job.outputs[0]
-        write_labels(target, result.labels, like=img, overwrite=args.overwrite)
-        written = [target]
-        if args.attention:
-            written += write_attention({name: result.attention[name] for name in maps}, job.outputs[1:],
-                                       like=img, overwrite=args.overwrite)
-        n = int(result.labels.max()) if result.instances else len(np.unique(result.labels)) - 1
-        what = "objects" if result.instances else "classes present"
-        print(f"{_show(path.name)}: {n} {what}, {result.seconds:.2f} s on {result.device} -> "
-              + ", ".join(_show(w) for w in written))
-        for note in result.notes:
-            print(f"  note: {_show(note)}", file=sys.stderr)
-    return 0
+        report = segment_files(args.inputs, args.out, args.model, workers=args.workers,
+                               scheduler=args.scheduler, device=args.device, tile=args.tile,
+                               axis=args.axis, attention=args.attention, overwrite=args.overwrite,
+                               on_result=on_result, on_plan=on_plan,
+                               tile_progress=lambda path: _Progress(path.name))
+    finally:
+        bar.close()
+    if distributed and report.plan.jobs:
+        print(f"{len(report.done)} of {len(report.plan.jobs)} file(s) segmented in {report.seconds:.1f} s "
+              f"on {report.workers} worker(s)", file=sys.stderr)
+    if report.failed and len(report.plan.jobs) > 1:
+        print(f"{PROG}: error: {len(report.failed)} file(s) failed: "
+              + ", ".join(_show(p.name) for p, _ in report.failed), file=sys.stderr)
+    return 2 if report.failed else 0
 
 
 def _warn_fit(model, image, path: Path) -> None:
     """One ``warning:`` line on stderr for each way the image differs from the model's training data."""
-    from .engine.fit import fit_advice
+    from .engine.fit import fit_warnings
 
-    warnings_, better = fit_advice(model, image, path)
-    for warning in warnings_:
+    for warning in fit_warnings(model, image, path):
         print(f"{PROG}: warning: {_show(path.name)}: {_show(warning)}", file=sys.stderr)
-    if better is not None and better != getattr(model, "name", None):
-        print(f"{PROG}: warning: {_show(path.name)}: preset {better!r} fits this image "
-              f"(--model {better})", file=sys.stderr)
 
 
 def cmd_evaluate(args) -> int:

@@ -115,7 +115,57 @@ def plan_segment(inputs, out: str | os.PathLike, attention_modules: list[str] | 
         if folders:
             plan.skipped.append((path, f"{folders[0]} is a folder"))
         elif existing and not overwrite:
-            plan.skipped.append((path, f"{existing[0]} exists (--overwrite / overwrite=True replaces it)"))
+            if os.path.lexists(outputs[0]):
+                reason = f"{outputs[0]} exists (--overwrite / overwrite=True replaces it)"
+            else:  # labels are written last: an interrupted run, or files of someone else's
+                reason = (f"{existing[0]} exists but {outputs[0].name} does not (an interrupted earlier run?); "
+                          "--overwrite / overwrite=True replaces it")
+            plan.skipped.append((path, reason))
         else:
             plan.jobs.append(Job(path, outputs))
     return plan
+
+
+@dataclass
+class JobResult:
+    """What segmenting one input wrote, and what a user should be told about it."""
+
+    input: Path
+    written: list[Path]
+    #: "12 objects" / "2 classes present"
+    found: str
+    seconds: float
+    device: str
+    notes: list[str] = field(default_factory=list)
+    #: ways the image differs from the model's training data (one line each)
+    fit_warnings: list[str] = field(default_factory=list)
+
+
+def run_job(job: Job, model, *, device="auto", tile: int = 512, axis: int | None = None,
+            attention_modules: list[str] | None = None, overwrite: bool = False,
+            callback=None) -> JobResult:
+    """Read one input, segment it, write its outputs (each atomically): the unit of a batch run.
+
+    ``attention_modules``: the map names whose files ``job.outputs[1:]`` are.
+    Outputs are written attention maps first and labels last, so an input
+    whose labels file exists has all of its outputs.
+    """
+    import numpy as np
+
+    from .fit import fit_warnings
+    from .imageio import read_image, write_attention, write_labels
+    from .inference import segment
+
+    img = read_image(job.input)
+    warnings_ = fit_warnings(model, img, job.input)
+    maps = list(attention_modules or [])
+    result = segment(img, model, device=device, tile=tile, axis=axis, attention=bool(maps),
+                     callback=callback)
+    written = []
+    if maps:
+        written += write_attention({name: result.attention[name] for name in maps}, job.outputs[1:],
+                                   like=img, overwrite=overwrite)
+    written.insert(0, write_labels(job.outputs[0], result.labels, like=img, overwrite=overwrite))
+    n = int(result.labels.max()) if result.instances else len(np.unique(result.labels)) - 1
+    found = f"{n} objects" if result.instances else f"{n} classes present"
+    return JobResult(job.input, written, found, result.seconds, result.device, list(result.notes), warnings_)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -72,6 +73,37 @@ def _temp_affixes(target: Path) -> tuple[str, str]:
     encoded = stem.encode()[: max(0, room)]
     stem = encoded.decode(errors="ignore")
     return f".{stem}.", suffix
+
+
+def stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Temporary files :func:`atomic_path` made for ``target`` and never removed.
+
+    A writer killed outright (SIGKILL, power loss, a cluster worker that died)
+    cannot clean up; its temporary file keeps the name ``.<stem>.XXXXXXXX.part<ext>``
+    (plus any extension a writer appended). Only names of exactly that shape are listed.
+    """
+    target = Path(target)
+    prefix, suffix = _temp_affixes(target)
+    shape = re.compile(re.escape(prefix) + r"[A-Za-z0-9_]{8}" + re.escape(suffix) + r"(\.[A-Za-z0-9.]+)?$")
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    return sorted(target.parent / n for n in names if shape.match(n))
+
+
+def remove_stale_temporaries(targets) -> list[Path]:
+    """Remove :func:`stale_temporaries` of every target; return what was removed.
+
+    Call it only when no writer of these targets can still be running.
+    """
+    removed = []
+    for target in targets:
+        for tmp in stale_temporaries(target):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 def check_regular_file(path: str | os.PathLike, what: str = "file") -> None:

@@ -238,6 +238,14 @@ def fit_advice(model: Any, image: Any, path: str | os.PathLike | None = None) ->
     return warnings_, _best_preset(summary, _modality_hint(image, path)) if warnings_ else None
 
 
+def fit_warnings(model: Any, image: Any, path: str | os.PathLike | None = None) -> list[str]:
+    """:func:`fit_advice` as lines for a user: each warning, then the preset that fits, if another."""
+    warnings_, better = fit_advice(model, image, path)
+    if better is not None and better != getattr(model, "name", None):
+        warnings_ = [*warnings_, f"preset {better!r} fits this image (--model {better})"]
+    return warnings_
+
+
 def _best_preset(summary: dict, hint: str | None) -> str | None:
     from .metadata import preset_names, preset_path, read_metadata
 
