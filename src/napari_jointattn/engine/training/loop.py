@@ -20,6 +20,7 @@ from ..models import Model, save_model
 from .augment import CropBatches, CropCentres
 from .checkpoint import _jsonable, _load_checkpoint, _save_checkpoint
 from .data import build_samples
+from .distributed import Parallel, training_device
 from .loss import masked_loss
 from .schedule import _set_lr, optimizer
 from .settings import TrainResult, TrainSettings
@@ -64,6 +65,12 @@ def train(
     ``checkpoint``: a file written atomically after every epoch; if it exists
     when training starts (same data and settings), training resumes from it.
     It is removed once training has finished.
+
+    Under ``torch.distributed`` with several processes (``torchrun``, see
+    :mod:`.distributed`), the processes share each batch and together take
+    the steps one process would take with the same ``batch_size``; rank 0
+    validates, writes ``checkpoint`` and ``out``, and every process returns
+    the same result.
     """
     settings = dataclasses.replace(settings) if settings is not None else TrainSettings()
     for key, value in overrides.items():
@@ -75,7 +82,9 @@ def train(
         out = check_output_file(out)
     classes = check_classes(classes)
     axis = check_axis(axis)
-    device = resolve_device(settings.device)
+    device = training_device(resolve_device(settings.device))
+    par = Parallel(device)
+    par.check_batch(settings.batch_size)
     model, head_reset = _start_model(start, classes, seed=settings.seed)
     parent_name = _parent_name(start, model)
     samples, summary = build_samples(
@@ -91,10 +100,11 @@ def train(
     dropouts = [m for m in net.modules() if isinstance(m, Dropout2d)]
     for d in dropouts:
         d.generator = gen
+    par.shard_dropout(dropouts, settings.batch_size)
     # the bar to beat, and what is handed back if nothing beats it: the start model as given
     # (before any head reset; with a new number of classes its head is new anyway)
     best_state = copy.deepcopy(net.state_dict())
-    start_dice = validation_dice(model, samples, device)
+    start_dice = par.from_main(lambda: validation_dice(model, samples, device))
     best = start_dice
     # the start model as given is the bar (above); trained weights work at this scale
     start_normalization = model.normalization
@@ -115,13 +125,15 @@ def train(
     step_no = 0  # optimisation steps so far
     improved_epoch = 0  # the last epoch whose validation beat the best so far
     fingerprint = json.dumps({"data": summary, "settings": _jsonable(vars(settings))}, sort_keys=True)
-    if checkpoint is not None and os.path.exists(checkpoint):
-        state = _load_checkpoint(checkpoint, net, opt, best_state, rng, gen, fingerprint)
+    with par.main_file(checkpoint) as resume_from:  # every process resumes from rank 0's checkpoint
+        state = resume_from and _load_checkpoint(resume_from, net, opt, best_state, rng, gen, fingerprint)
+    if state:
         best, result.best_epoch, result.best_step = state["best"], state["best_epoch"], state["best_step"]
         improved_epoch, step_no = state["improved_epoch"], state["step_no"]
         result.history = state["history"]
         first_epoch = state["epoch"] + 1
         t0 -= state["elapsed"]
+    ddp = par.wrap(net)  # the network the steps run through (``net`` itself with one process)
 
     def tell(info: dict) -> None:
         nonlocal stop
@@ -131,7 +143,7 @@ def train(
 
     def validate(epoch: int, step: int, losses: list[float], report: bool = True) -> dict:
         nonlocal best, best_state, improved_epoch
-        val = validation_dice(model, samples, device)
+        val = par.from_main(lambda: validation_dice(model, samples, device))
         record = {"epoch": epoch, "step": step_no, "loss": float(np.mean(losses)) if losses else None,
                   "val_dice": val, "seconds": time.perf_counter() - t0}
         result.history.append(record)
@@ -153,12 +165,13 @@ def train(
         since_val: list[float] = []
         for step in range(settings.steps_per_epoch):
             # the schedule sets this step's rate before the step (the first step warms up too)
-            _set_lr(opt, settings, (step_no + 1) / total_steps, time.perf_counter() - t0)
-            x, t, m, w = batches(rng)
+            now = time.perf_counter() - t0
+            _set_lr(opt, settings, (step_no + 1) / total_steps, par.agree_max(now) if settings.max_seconds else now)
+            x, t, m, w = par.shard(*batches(rng))  # every process draws the global batch, keeps its rows
             x, t, m, w = x.to(device), t.to(device), m.to(device), w.to(device)
             with autocast(device):
-                logits = net(x)
-            loss = masked_loss(logits, t, m, w, model.num_classes, settings.dice_weight)
+                logits = ddp(x)
+            loss = masked_loss(logits, t, m, w, model.num_classes, settings.dice_weight, reduce=par.loss_reduce)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -168,18 +181,20 @@ def train(
             elapsed = time.perf_counter() - t0
             tell({"epoch": epoch, "step": step + 1, "loss": losses[-1], "val_dice": None,
                   "best_dice": best, "seconds": elapsed, "lr": opt.param_groups[0]["lr"]})
-            if stop or (settings.max_seconds and elapsed > settings.max_seconds):
-                stop = stop or "time budget"
+            over = settings.max_seconds and elapsed > settings.max_seconds
+            stop = par.agree_stop(stop or ("time budget" if over else None))
+            if stop:
                 break
             if (step + 1) % val_every == 0 and step + 1 < settings.steps_per_epoch:
                 validate(epoch, step + 1, since_val)
                 since_val = []
                 net.train()
+                stop = par.agree_stop(stop)
                 if stop:
                     break
         record = validate(epoch, settings.steps_per_epoch, losses, report=False)  # told after the checkpoint
         record["epoch_end"] = True
-        if checkpoint is not None:
+        if checkpoint is not None and par.is_main:
             _save_checkpoint(checkpoint, net, opt, best_state, rng, gen, fingerprint, {
                 "epoch": epoch, "best": best, "best_epoch": result.best_epoch, "best_step": result.best_step,
                 "improved_epoch": improved_epoch, "step_no": step_no, "history": result.history,
@@ -187,12 +202,15 @@ def train(
         tell({"epoch": epoch, "step": settings.steps_per_epoch, "loss": record["loss"],
               "val_dice": record["val_dice"], "best_dice": best, "seconds": record["seconds"],
               "epoch_end": True})
+        stop = par.agree_stop(stop)
         if stop:
             break
         # a time budget is the user's to spend: patience ends epoch-budgeted runs only
         if not settings.max_seconds and epoch - improved_epoch >= settings.patience:
             stop = "early stopping"
             break
+    del ddp
+    par.unshard_dropout(dropouts)
     for d in dropouts:
         d.generator = None
     net.load_state_dict(best_state)
@@ -201,7 +219,7 @@ def train(
     threshold_note = None
     # only trained weights get a threshold: a start model handed back keeps its own
     if settings.calibrate_threshold and result.best_step > 0 and summary.get("split_kind") != "training":
-        found = calibrate_threshold(model, samples, device)
+        found = par.from_main(lambda: calibrate_threshold(model, samples, device))
         if found is not None:
             th, at_half, at_th = found
             model.postprocess = {**model.postprocess, "threshold": th}
@@ -212,7 +230,7 @@ def train(
         from ..knockout import knockout_on_samples
 
         net.eval()
-        knockout = knockout_on_samples(model, samples, device)
+        knockout = par.from_main(lambda: knockout_on_samples(model, samples, device))
     net.eval().to("cpu")
     result.stopped = stop or "epochs"
     result.best_dice = best
@@ -237,14 +255,15 @@ def train(
                      "epochs_run": max((h["epoch"] for h in result.history), default=0),
                      "steps_run": step_no, "stopped": result.stopped, "seconds": round(result.seconds, 1),
                      "device": result.device, "head": head, "upsample": upsample_note, "improved": result.improved,
-                     "threshold": threshold_note, "knockout": knockout,
+                     "threshold": threshold_note, "knockout": knockout, **par.describe(),
                      "warnings": warnings_},
         **(provenance or {}),
     }
-    if out is not None and (result.improved or save_unchanged):
-        result.path = save_model(model, out)
-    if checkpoint is not None and os.path.exists(checkpoint):
+    if out is not None and (result.improved or save_unchanged):  # written by rank 0, the others wait for it
+        result.path = par.from_main(lambda: save_model(model, out))
+    if checkpoint is not None and par.is_main and os.path.exists(checkpoint):
         os.remove(checkpoint)
+    par.barrier()
     return result
 
 
