@@ -23,7 +23,7 @@ from .errors import BadInputError
 from .imageio import SUPPORTED, file_format, output_stem
 
 LABELS_SUFFIX = "_labels"
-_OUTPUT_NAME = re.compile(r".+(_labels|_attention_[A-Za-z0-9-]+)\.(tif|nii\.gz)$", re.IGNORECASE)
+_OUTPUT_NAME = re.compile(r".+((_labels|_attention_[A-Za-z0-9-]+)\.(tif|nii\.gz)|_labels\.zarr)$", re.IGNORECASE)
 
 
 def slug(name: str) -> str:
@@ -32,8 +32,15 @@ def slug(name: str) -> str:
 
 
 def output_paths(path: Path, out: Path, attention_modules: list[str] | None = None) -> list[Path]:
-    """What segmenting ``path`` writes into ``out``: the labels, then any attention stacks."""
+    """What segmenting ``path`` writes into ``out``: the labels, then any attention stacks.
+
+    A Zarr image gives one Zarr labels store (no attention maps: see :mod:`.zarrseg`).
+    """
+    from .zarrseg import is_zarr
+
     stem = output_stem(path)
+    if is_zarr(path):
+        return [out / f"{stem}_labels.zarr"]
     suffix = ".nii.gz" if file_format(path) == "nifti" else ".tif"
     paths = [out / f"{stem}{LABELS_SUFFIX}{suffix}"]
     paths += [out / f"{stem}_attention_{slug(m)}{suffix}" for m in attention_modules or []]
@@ -64,9 +71,14 @@ def _same(a: Path, b: Path) -> bool:
 def _expand(paths) -> list[tuple[Path, Path | None]]:
     """(file, folder it was found in, or None when named directly)."""
     out: list[tuple[Path, Path | None]] = []
+    from .zarrseg import is_zarr
+
     for p in map(Path, paths):
-        if p.is_dir():
-            found = sorted(q for q in p.iterdir() if q.is_file() and file_format(q))
+        if p.is_dir() and is_zarr(p):
+            out.append((p, None))
+        elif p.is_dir():
+            found = sorted(q for q in p.iterdir() if (q.is_file() and file_format(q))
+                           or (q.is_dir() and q.name.lower().endswith(".zarr")))
             if not found:
                 raise BadInputError(f"{p} contains no supported images ({', '.join(SUPPORTED)})")
             out.extend((q, p) for q in found)
@@ -110,6 +122,13 @@ def plan_segment(inputs, out: str | os.PathLike, attention_modules: list[str] | 
         stems[stem] = path
     for path in candidates:
         outputs = output_paths(path, out, attention_modules)
+        if outputs[0].name.endswith(".zarr"):
+            reason = _zarr_output_state(outputs[0], overwrite)
+            if reason:
+                plan.skipped.append((path, reason))
+            else:
+                plan.jobs.append(Job(path, outputs))
+            continue
         folders = [t for t in outputs if t.is_dir()]
         existing = [t for t in outputs if os.path.lexists(t)]
         if folders:
@@ -124,6 +143,20 @@ def plan_segment(inputs, out: str | os.PathLike, attention_modules: list[str] | 
         else:
             plan.jobs.append(Job(path, outputs))
     return plan
+
+
+def _zarr_output_state(target: Path, overwrite: bool) -> str | None:
+    """Why a Zarr labels store is not (re)made, or None: absent, incomplete (resumed) or overwritten."""
+    from .zarrseg import store_state
+
+    if not os.path.lexists(target) or overwrite:
+        return None
+    state = store_state(target)
+    if state is None:
+        return f"{target} exists and is not a labels store of this program (--overwrite replaces it)"
+    if state.get("complete"):
+        return f"{target} exists and is complete (--overwrite / overwrite=True replaces it)"
+    return None  # incomplete: the run resumes it
 
 
 @dataclass
@@ -152,6 +185,10 @@ def run_job(job: Job, model, *, device="auto", tile: int = 512, axis: int | None
     """
     import numpy as np
 
+    from .zarrseg import is_zarr
+
+    if is_zarr(job.input):
+        return run_zarr_job(job, model, device=device, tile=tile, overwrite=overwrite)
     from .fit import fit_warnings
     from .imageio import read_image, write_attention, write_labels
     from .inference import segment
@@ -169,3 +206,24 @@ def run_job(job: Job, model, *, device="auto", tile: int = 512, axis: int | None
     n = int(result.labels.max()) if result.instances else len(np.unique(result.labels)) - 1
     found = f"{n} objects" if result.instances else f"{n} classes present"
     return JobResult(job.input, written, found, result.seconds, result.device, list(result.notes), warnings_)
+
+
+def run_zarr_job(job: Job, model, *, device="auto", tile: int = 512, overwrite: bool = False,
+                 client=None, threads: int | None = None, on_block=None) -> JobResult:
+    """A Zarr image, block by block, into its Zarr labels store (resumed if incomplete)."""
+    from .zarrseg import describe, segment_zarr
+
+    report = segment_zarr(job.input, job.outputs[0], model, device=device, tile=tile, overwrite=overwrite,
+                          client=client, threads=threads, on_block=on_block)
+    if report.failed:
+        number, reason = report.failed[0]
+        raise BadInputError(f"{job.input}: {len(report.failed)} block(s) failed (block {number}: {reason}); "
+                            f"{job.outputs[0]} is incomplete, a rerun resumes it")
+    if not report.complete:
+        from .errors import Cancelled
+
+        raise Cancelled(f"{job.outputs[0]} is incomplete ({describe(report)})")
+    from .devices import describe_device, resolve_device
+
+    return JobResult(job.input, [job.outputs[0]], describe(report), report.seconds,
+                     describe_device(resolve_device(device)), [], [])

@@ -1,4 +1,4 @@
-"""Batch segmentation on a dask.distributed cluster: one task per input file.
+"""Batch segmentation on a dask.distributed cluster: one task per input file or Zarr block.
 
 ``segment_files(inputs, out, model, workers=N)`` starts a ``LocalCluster`` of
 ``N`` worker processes; ``scheduler="tcp://host:8786"`` uses a running cluster
@@ -19,6 +19,9 @@ task is:
   (dask's ``allowed-failures``, 3 by default). A killed writer cannot remove its
   temporary file, so the temporary files of this run's outputs are removed at
   the end, when no task of the run is left running.
+* A Zarr image is segmented block by block (:mod:`.zarrseg`): each block is a
+  task, written into the output store as one chunk; a rerun resumes an
+  incomplete store.
 * An input that cannot be segmented (a broken file) fails its task alone: the
   others go on, and the failure is reported with the file's name.
 """
@@ -156,7 +159,8 @@ def segment_files(
             _run_here(plan, loaded, options, record, tile_progress)
         else:
             ref = _model_ref(model) if isinstance(model, (str, os.PathLike)) else loaded
-            report.workers = _run_on_cluster(plan, ref, options, record, workers, scheduler, threads_per_worker)
+            report.workers = _run_on_cluster(plan, ref, loaded, options, record, workers, scheduler,
+                                             threads_per_worker)
     finally:
         # no task of this run is running any more: what a killed writer left is garbage
         from .files import remove_stale_temporaries
@@ -180,8 +184,9 @@ def _run_here(plan: Plan, model, options: dict, record, tile_progress) -> None:
         record(result)
 
 
-def _run_on_cluster(plan: Plan, model_ref, options: dict, record, workers, scheduler,
+def _run_on_cluster(plan: Plan, model_ref, loaded, options: dict, record, workers, scheduler,
                     threads_per_worker) -> int:
+    """File inputs are tasks; a Zarr input's blocks are tasks (:mod:`.zarrseg`)."""
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError as exc:
@@ -189,7 +194,9 @@ def _run_on_cluster(plan: Plan, model_ref, options: dict, record, workers, sched
                             "pip install 'napari-jointattn[distributed]'") from exc
     import logging
 
+    from .batch import run_zarr_job
     from .errors import one_line
+    from .zarrseg import is_zarr
 
     cluster = None
     own_client = True
@@ -209,11 +216,12 @@ def _run_on_cluster(plan: Plan, model_ref, options: dict, record, workers, sched
     try:
         from .models import Model
 
-        if isinstance(model_ref, Model):  # sent to every worker once, not with every task
+        files = [job for job in plan.jobs if not is_zarr(job.input)]
+        if files and isinstance(model_ref, Model):  # sent to every worker once, not with every task
             model_ref = client.scatter(model_ref, broadcast=True)
         futures = {client.submit(_task, job, model_ref, options, threads, pure=False,
                                  key=f"segment-{i}-{job.input.name}"): job
-                   for i, job in enumerate(plan.jobs)}
+                   for i, job in enumerate(files)}
         n_workers = len(client.scheduler_info().get("workers", {}))
         for future in as_completed(futures):
             job = futures[future]
@@ -223,6 +231,13 @@ def _run_on_cluster(plan: Plan, model_ref, options: dict, record, workers, sched
                 record((job.input, one_line(exc)))
             except Exception as exc:  # KilledWorker after repeated deaths, MemoryError on a worker...
                 record((job.input, f"{job.input}: {type(exc).__name__}: {one_line(exc)}"))
+        for job in plan.jobs:
+            if is_zarr(job.input):
+                try:
+                    record(run_zarr_job(job, loaded, device=options["device"], tile=options["tile"],
+                                        overwrite=options["overwrite"], client=client, threads=threads))
+                except BadInputError as exc:
+                    record((job.input, one_line(exc)))
         return max(n_workers, 1)
     finally:
         if own_client:

@@ -496,6 +496,7 @@ def segment(
     slices: Sequence[int] | None = None,
     attention: bool = False,
     callback: Callback | None = None,
+    value_range: tuple[float, float] | None = None,
 ) -> Segmentation:
     """Segment a 2-D image or a 3-D stack (slice by slice along ``axis``).
 
@@ -505,7 +506,9 @@ def segment(
     series (4-D NIfTI) is segmented one time point after the other; its
     labels keep the time axis. On CUDA out of memory the tile is halved down
     to 64 px, then the CPU is used; each step is recorded in ``notes``.
-    ``batch_size`` tiles go through the network at once.
+    ``batch_size`` tiles go through the network at once. ``value_range``: the
+    (lo, hi) intensities that map to 0 and 1, instead of the model's percentiles
+    of each plane (e.g. one range for all blocks of a larger image).
     Raises :class:`BadInputError` for bad input and :class:`Cancelled` when
     ``callback`` returns ``False``.
     """
@@ -520,6 +523,8 @@ def segment(
                                batch_size=batch_size, axis=axis, slices=slices, attention=attention)
     dev = resolve_device(device)
     planes = prepare_input(image, model, axis, channel_axis, slices)
+    if value_range is not None:
+        planes.volume_range = (float(value_range[0]), float(value_range[1]))
     place = Placement.on(model, dev)
     out = Assembly(planes, model.instances, attention_map_keys(model) if attention else [])
     bands = plane_bands(*planes.plane_shape)

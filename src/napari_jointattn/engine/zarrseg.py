@@ -1,0 +1,432 @@
+"""Images bigger than memory: segment a Zarr / OME-Zarr image block by block into a Zarr store.
+
+``segment_zarr(src, dst, model)`` never holds the image or the labels in
+memory: each block (``block`` x ``block`` pixels of one plane, one chunk of the
+output) is read with a margin of ``halo`` pixels, segmented, and its core is
+written as one chunk of ``dst``. Blocks are independent tasks: here one after
+the other, or on a dask.distributed cluster (``client=``, see
+:mod:`.cluster`).
+
+* **Input**: a Zarr array, or an OME-Zarr image group (its full-resolution
+  level, ``multiscales[0].datasets[0]``). The last two axes are y and x; any
+  leading axes (t, z...) are planes segmented one by one. A channel axis of
+  more than one channel is refused.
+* **Intensities** are normalised with one value range for the whole image,
+  estimated from a low-resolution level (or from windows spread over the
+  image), so that blocks agree with each other.
+* **Output**: an OME-Zarr (0.4, Zarr format 2) image group with one level,
+  ``0``, of the input's shape, chunks of one block, the labels of the model
+  (class ids, or instance ids for instance models). Its attributes say what
+  made it (``napari-jointattn``: model, source, block, halo, ``complete``).
+* **Incomplete is visible**: ``complete`` is false until every block is
+  written and (for instances) objects are joined across block edges. Each
+  finished block leaves a marker (``.napari-jointattn/blocks/``), written after
+  its chunk; a rerun with the same source, model and block size resumes with
+  the blocks that have none. Cancel or a killed worker leaves exactly such a
+  store.
+* **Instances across block edges**: each block labels the objects of its
+  block-with-margin; its core gets ids ``block_number * 2**20 + local id``.
+  For every core-edge pixel whose object (in this block's own labelling)
+  continues across the edge, the block records its id; once all blocks exist,
+  those ids are joined with the ids the neighbour wrote on the other side, and
+  the chunks concerned are relabelled. Ids are unique but not consecutive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BadInputError
+
+ID_BITS = 20
+MARKERS = ".napari-jointattn/blocks"
+ATTRS_KEY = "napari-jointattn"
+
+
+def _zarr():
+    try:
+        import zarr
+    except ImportError as exc:
+        raise BadInputError("Zarr images need the zarr package: pip install 'napari-jointattn[zarr]'") from exc
+    return zarr
+
+
+def is_zarr(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.name.lower().endswith(".zarr") or (p.is_dir() and any(
+        (p / name).exists() for name in (".zarray", ".zgroup", "zarr.json")))
+
+
+@dataclass
+class ZarrInput:
+    array: object  # a zarr.Array: level 0
+    axes: list[dict]
+    #: a small level (or None) for the intensity range
+    preview: object | None
+
+
+def open_input(path: str | os.PathLike) -> ZarrInput:
+    """The full-resolution array of a Zarr array or OME-Zarr image group (read only)."""
+    zarr = _zarr()
+    try:
+        node = zarr.open(str(path), mode="r")
+    except Exception as exc:  # noqa: BLE001 - zarr raises many kinds
+        raise BadInputError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc})") from exc
+    axes: list[dict] = []
+    preview = None
+    if isinstance(node, zarr.Array):
+        array = node
+    else:
+        attrs = dict(node.attrs)
+        multiscales = attrs.get("multiscales") or attrs.get("ome", {}).get("multiscales")
+        if not multiscales:
+            raise BadInputError(f"{path}: a Zarr group without OME 'multiscales' metadata; "
+                                "give the array inside it (e.g. {path}/0)")
+        ms = multiscales[0]
+        datasets = ms.get("datasets") or []
+        if not datasets:
+            raise BadInputError(f"{path}: OME 'multiscales' lists no datasets")
+        array = node[datasets[0]["path"]]
+        axes = list(ms.get("axes") or [])
+        for d in datasets[1:]:
+            level = node[d["path"]]
+            if math.prod(level.shape[-2:]) <= 4096 * 4096:
+                preview = level
+                break
+    if array.ndim < 2:
+        raise BadInputError(f"{path}: a {array.ndim}-D array is not an image")
+    for i, ax in enumerate(axes[:-2]):
+        if isinstance(ax, dict) and ax.get("type") == "channel" and array.shape[i] > 1:
+            raise BadInputError(f"{path}: {array.shape[i]} channels on axis {i}; "
+                                "segment one channel (e.g. write it to its own array)")
+    if array.dtype.kind not in "uif" and array.dtype != bool:
+        raise BadInputError(f"{path}: pixel type {array.dtype} is not an image")
+    return ZarrInput(array, axes, preview)
+
+
+def value_range(src: ZarrInput, percentiles: tuple[float, float], windows: int = 8, size: int = 256
+                ) -> tuple[float, float]:
+    """One (lo, hi) for the whole image: from a small level, else from windows spread over it."""
+    from .normalize import percentile_range
+
+    a = src.array
+    if src.preview is not None:
+        sample = np.asarray(src.preview[...])
+    else:
+        h, w = a.shape[-2:]
+        lead = a.shape[:-2]
+        parts = []
+        for k in range(windows * windows):
+            plane = np.unravel_index(k % max(1, math.prod(lead)), lead) if lead else ()
+            y = (k // windows) * max(0, h - size) // max(1, windows - 1)
+            x = (k % windows) * max(0, w - size) // max(1, windows - 1)
+            parts.append(np.asarray(a[plane + (slice(y, y + size), slice(x, x + size))]).ravel())
+        sample = np.concatenate(parts)
+    return percentile_range(sample, *percentiles)
+
+
+@dataclass
+class Block:
+    number: int
+    plane: tuple[int, ...]
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+
+
+def blocks_of(shape: tuple[int, ...], block: int) -> list[Block]:
+    h, w = shape[-2:]
+    out = []
+    for plane in np.ndindex(*shape[:-2]) if len(shape) > 2 else [()]:
+        for y0 in range(0, h, block):
+            for x0 in range(0, w, block):
+                out.append(Block(len(out), tuple(int(i) for i in plane), y0, min(h, y0 + block),
+                                 x0, min(w, x0 + block)))
+    return out
+
+
+def _marker(dst: Path, b: Block) -> Path:
+    return dst / MARKERS / f"{b.number}.npz"
+
+
+@dataclass
+class ZarrReport:
+    path: Path
+    blocks: int
+    done_before: int = 0
+    done: int = 0
+    joined: int = 0
+    seconds: float = 0.0
+    complete: bool = False
+    failed: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _settings(src: Path, model, block: int, halo: int, tile: int, lo_hi) -> dict:
+    return {"source": str(Path(src).resolve()), "model": getattr(model, "name", str(model)), "block": block, "halo": halo, "tile": tile,
+            "value_range": [float(lo_hi[0]), float(lo_hi[1])]}
+
+
+def _prepare_output(dst: Path, src: ZarrInput, model, settings: dict, overwrite: bool):
+    """Create ``dst`` or open it to resume; returns the labels array."""
+    zarr = _zarr()
+    dtype = np.uint32 if model.instances else np.uint8
+    if dst.exists():
+        try:
+            group = zarr.open_group(str(dst), mode="r+")
+            mine = dict(group.attrs).get(ATTRS_KEY)
+        except Exception:  # noqa: BLE001
+            mine = None
+        if mine is None and not overwrite:
+            raise BadInputError(f"{dst} exists and was not written by napari-jointattn; "
+                                "--overwrite / overwrite=True replaces it")
+        if mine is not None and not overwrite:
+            if mine.get("complete"):
+                raise BadInputError(f"{dst} is complete (--overwrite / overwrite=True replaces it)")
+            same = {k: mine.get(k) for k in settings if k != "value_range"} == \
+                {k: v for k, v in settings.items() if k != "value_range"}
+            if not same:
+                raise BadInputError(f"{dst} is an incomplete store of another run (source, model or block "
+                                    "size differ); --overwrite / overwrite=True starts it again")
+            return group["0"], mine
+        shutil.rmtree(dst)
+    group = zarr.open_group(str(dst), mode="w", zarr_format=2)
+    block = settings["block"]
+    shape = tuple(src.array.shape)
+    chunks = (1,) * (len(shape) - 2) + (block, block)
+    if model.instances and len(blocks_of(shape, block)) >= 2 ** (32 - ID_BITS):
+        dtype = np.uint64
+    labels = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
+    axes = src.axes or ([{"name": n, "type": "space"} for n in "zyx"[-len(shape):]]
+                        if len(shape) <= 3 else [{"name": f"d{i}"} for i in range(len(shape) - 2)]
+                        + [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}])
+    group.attrs["multiscales"] = [{
+        "version": "0.4", "name": "labels", "axes": axes,
+        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(shape)}]}],
+    }]
+    mine = {**settings, "complete": False, "classes": list(model.classes), "instances": bool(model.instances)}
+    group.attrs[ATTRS_KEY] = mine
+    (dst / MARKERS).mkdir(parents=True, exist_ok=True)
+    return labels, mine
+
+
+def segment_block(src_path: str, dst_path: str, b: Block, model, settings: dict, device: str = "auto",
+                  threads: int | None = None) -> int:
+    """Segment one block and write its chunk, then its marker; returns the block number."""
+    from .files import write_atomic
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from .inference import segment
+
+    src = open_input(src_path)
+    zarr = _zarr()
+    labels_out = zarr.open_array(str(Path(dst_path) / "0"), mode="r+")
+    halo = settings["halo"]
+    h, w = src.array.shape[-2:]
+    e = (max(0, b.y0 - halo), min(h, b.y1 + halo), max(0, b.x0 - halo), min(w, b.x1 + halo))
+    region = np.asarray(src.array[b.plane + (slice(e[0], e[1]), slice(e[2], e[3]))])
+    result = segment(region, model, device=device, tile=settings["tile"],
+                     value_range=tuple(settings["value_range"]))
+    local = result.labels
+    cy, cx = b.y0 - e[0], b.x0 - e[2]
+    core = local[cy:cy + b.y1 - b.y0, cx:cx + b.x1 - b.x0]
+    edges: dict[str, np.ndarray] = {}
+    if model.instances:
+        if int(local.max()) >= 2 ** ID_BITS:
+            raise BadInputError(f"block {b.number}: over {2 ** ID_BITS - 1} objects; use a smaller block")
+        offset = np.uint64(b.number) << np.uint64(ID_BITS)
+        ids = np.where(core > 0, core.astype(np.uint64) + offset, 0)
+        # objects that continue across each edge of the core, by this block's own labelling
+        ly, lx = local.shape
+        sides = {"top": (cy - 1, slice(cx, cx + core.shape[1]), 0),
+                 "bottom": (cy + core.shape[0], slice(cx, cx + core.shape[1]), -1),
+                 "left": (slice(cy, cy + core.shape[0]), cx - 1, 0),
+                 "right": (slice(cy, cy + core.shape[0]), cx + core.shape[1], -1)}
+        for side, (r, c, inner) in sides.items():
+            if side in ("top", "bottom"):
+                if not 0 <= r < ly:
+                    continue
+                outside, inside, inner_ids = local[r, c], core[inner, :], ids[inner, :]
+            else:
+                if not 0 <= c < lx:
+                    continue
+                outside, inside, inner_ids = local[r, c], core[:, inner], ids[:, inner]
+            cont = (inside > 0) & (outside == inside)
+            edges[side + "_at"] = np.flatnonzero(cont).astype(np.int32)
+            edges[side + "_id"] = inner_ids[cont].astype(np.uint64)
+        core = ids
+    labels_out[b.plane + (slice(b.y0, b.y1), slice(b.x0, b.x1))] = core.astype(labels_out.dtype)
+
+    def writer(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **edges)
+
+    write_atomic(Path(dst_path) / MARKERS / f"{b.number}.npz", writer)
+    return b.number
+
+
+def _join_instances(dst: Path, labels, blocks: list[Block]) -> int:
+    """Join ids of objects cut by block edges; relabel the chunks concerned. Returns the joins made."""
+    parent: dict[int, int] = {}
+
+    def find(a: int) -> int:
+        root = a
+        while parent.get(root, root) != root:
+            root = parent[root]
+        while parent.get(a, a) != root:
+            parent[a], a = root, parent[a]
+        return root
+
+    joins = 0
+    for b in blocks:
+        with np.load(_marker(dst, b)) as edges:
+            for side in ("top", "bottom", "left", "right"):
+                if side + "_at" not in edges or edges[side + "_at"].size == 0:
+                    continue
+                at, ids = edges[side + "_at"], edges[side + "_id"]
+                if side == "top":
+                    theirs = labels[b.plane + (b.y0 - 1, slice(b.x0, b.x1))][at] if b.y0 > 0 else None
+                elif side == "bottom":
+                    theirs = labels[b.plane + (b.y1, slice(b.x0, b.x1))][at] if b.y1 < labels.shape[-2] else None
+                elif side == "left":
+                    theirs = labels[b.plane + (slice(b.y0, b.y1), b.x0 - 1)][at] if b.x0 > 0 else None
+                else:
+                    theirs = labels[b.plane + (slice(b.y0, b.y1), b.x1)][at] if b.x1 < labels.shape[-1] else None
+                if theirs is None:
+                    continue
+                for a, t in zip(ids.tolist(), np.asarray(theirs).tolist()):
+                    if t and find(a) != find(t):
+                        ra, rt = find(a), find(t)
+                        parent[max(ra, rt)] = min(ra, rt)
+                        joins += 1
+    if not parent:
+        return 0
+    keys = np.array(sorted(parent), dtype=np.uint64)
+    values = np.array([find(int(k)) for k in keys], dtype=np.uint64)
+    owners = {int(k) >> ID_BITS for k in keys}
+    for b in blocks:
+        if b.number not in owners:  # no id of this chunk is joined to a smaller one
+            continue
+        where = b.plane + (slice(b.y0, b.y1), slice(b.x0, b.x1))
+        chunk = np.asarray(labels[where]).astype(np.uint64)
+        pos = np.searchsorted(keys, chunk)
+        pos = np.clip(pos, 0, len(keys) - 1)
+        hit = keys[pos] == chunk
+        if hit.any():
+            chunk[hit] = values[pos[hit]]
+            labels[where] = chunk.astype(labels.dtype)
+    return joins
+
+
+def segment_zarr(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    model="nuclei",
+    *,
+    block: int = 2048,
+    halo: int = 64,
+    tile: int = 512,
+    device: str = "auto",
+    overwrite: bool = False,
+    client=None,
+    threads: int | None = None,
+    on_block: Callable[[int, int], "bool | None"] | None = None,
+) -> ZarrReport:
+    """Segment the Zarr / OME-Zarr image ``src`` into the OME-Zarr labels store ``dst``.
+
+    See the module's notes. ``client``: a ``distributed.Client`` whose workers
+    segment the blocks (they must see both paths), each with ``threads`` torch
+    threads if given. ``on_block(done, total)``
+    after each block; returning ``False`` stops (the store stays incomplete,
+    and a rerun resumes). ``overwrite``: replace a complete store or one of
+    another run.
+    """
+    from .models import load_model
+
+    t0 = time.perf_counter()
+    if not isinstance(block, int) or block < 64:
+        raise BadInputError(f"block must be an integer of at least 64 pixels, got {block!r}")
+    model = load_model(model)
+    src_path, dst = Path(src), Path(dst)
+    if dst.resolve() == src_path.resolve():
+        raise BadInputError(f"{dst}: the output store would replace the input")
+    source = open_input(src_path)
+    lo_hi = value_range(source, model.normalization.percentiles)
+    settings = _settings(src_path, model, block, halo, tile, lo_hi)
+    labels, mine = _prepare_output(dst, source, model, settings, overwrite)
+    settings["value_range"] = mine["value_range"]  # a resumed run keeps the first run's range
+    blocks = blocks_of(tuple(source.array.shape), block)
+    todo = [b for b in blocks if not _marker(dst, b).exists()]
+    report = ZarrReport(dst, len(blocks), done_before=len(blocks) - len(todo))
+    stopped = False
+
+    def tell() -> bool:
+        return on_block is None or on_block(report.done_before + report.done, len(blocks)) is not False
+
+    if client is None:
+        for b in todo:
+            segment_block(str(src_path), str(dst), b, model, settings, device)
+            report.done += 1
+            if not tell():
+                stopped = True
+                break
+    else:
+        from distributed import as_completed
+
+        from .errors import one_line
+
+        ref = client.scatter(model, broadcast=True)
+        futures = {client.submit(segment_block, str(src_path), str(dst), b, ref, settings, device, threads,
+                                 pure=False, key=f"block-{dst.name}-{b.number}"): b for b in todo}
+        for future in as_completed(futures):
+            try:
+                future.result()
+                report.done += 1
+            except Exception as exc:  # noqa: BLE001 - one block's failure is reported, the rest go on
+                report.failed.append((futures[future].number, f"{type(exc).__name__}: {one_line(exc)}"))
+            if not tell():
+                stopped = True
+                for f in futures:
+                    f.cancel()
+                break
+    if not stopped and not report.failed and all(_marker(dst, b).exists() for b in blocks):
+        if model.instances:
+            report.joined = _join_instances(dst, labels, blocks)
+        zarr = _zarr()
+        group = zarr.open_group(str(dst), mode="r+")
+        group.attrs[ATTRS_KEY] = {**dict(group.attrs)[ATTRS_KEY], "complete": True}
+        with contextlib.suppress(OSError):
+            shutil.rmtree(dst / MARKERS.split("/")[0])
+        report.complete = True
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def store_state(dst: str | os.PathLike) -> dict | None:
+    """The ``napari-jointattn`` attributes of a labels store (None: not one of ours)."""
+    try:
+        zarr = _zarr()
+        return dict(zarr.open_group(str(dst), mode="r").attrs).get(ATTRS_KEY)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def describe(report: ZarrReport) -> str:
+    state = "complete" if report.complete else "INCOMPLETE (rerun to resume)"
+    return (
+        f"{report.done} of {report.blocks} blocks segmented in {report.seconds:.1f} s"
+        + (f" ({report.done_before} done before)" if report.done_before else "")
+        + (f", {report.joined} objects joined across block edges" if report.joined else "")
+        + f"; store {state}")
