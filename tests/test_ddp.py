@@ -1,8 +1,8 @@
 """Data-parallel training (torch.distributed, gloo on the CPU): 2 processes = 1 process with the same batch.
 
-One spawn of 2 processes runs three trainings (importing torch twice is most
-of the cost): a plain run, a run that one rank alone asks to stop, and a run
-resumed from a checkpoint written by an interrupted single-process run.
+One start of 2 (forked) processes runs four trainings: a plain run, a run that
+one rank alone asks to stop, a run with a tiny time budget, and a run resumed
+from a checkpoint written by an interrupted single-process run.
 """
 
 import json
@@ -55,6 +55,10 @@ def _worker(rank: int, folder: str, port: int) -> None:
 
         res = train(new_model("nuclei", seed=0), [image], [labels], callback=stop_on_rank_1, **SETTINGS)
         report["stop"] = {"stopped": res.stopped, "steps": res.model.provenance["training"]["steps_run"]}
+        # a tiny time budget: each rank's own clock, one agreed decision
+        res = train(new_model("nuclei", seed=0), [image], [labels], max_seconds=1e-3,
+                    **{**SETTINGS, "calibrate_threshold": False})
+        report["budget"] = {"stopped": res.stopped, "steps": res.model.provenance["training"]["steps_run"]}
 
         # 3. resumed from rank 0's checkpoint of an interrupted single-process run
         res = train(new_model("nuclei", seed=0), [image], [labels],
@@ -155,6 +159,7 @@ def test_two_processes_train_as_one(blobs, tmp_path, one_thread):
 
     # a stop asked by one rank stops both, at the same step
     assert [r["stop"] for r in reports] == [{"stopped": "stopped", "steps": 1}] * WORLD
+    assert [r["budget"] for r in reports] == [{"stopped": "time budget", "steps": 1}] * WORLD
 
     # resumed from the checkpoint: as the uninterrupted run
     assert reports[0]["resumed"]["history"][:2] == _history(single)[:2]  # epoch 1 came from the checkpoint

@@ -4,7 +4,8 @@ Modules: ``settings`` (TrainSettings, TrainResult), ``data`` (annotated
 planes and their split), ``augment`` (crop centres, MONAI augmentation), ``loss``,
 ``validation`` (held-out Dice, threshold), ``schedule`` (learning rate),
 ``start`` (start model, head decision), ``checkpoint`` (resume), ``loop``
-(``train()``).
+(``train()``), ``distributed`` (data-parallel training under torchrun; see
+docs/scale.md).
 
 Rules (documented in docs/training.md):
 
