@@ -5,6 +5,8 @@ The Python API mirrors the command line::
     from napari_jointattn import load_model, segment, evaluate
     model = load_model("nuclei")
     result = segment("cells.tif", model)      # result.labels, result.attention
+    segment_files(["folder/"], "out/", model, workers=2)    # many files, on a dask cluster
+    segment_zarr("big.ome.zarr", "big_labels.zarr", model)  # bigger than memory, block by block
 """
 
 from ._lazy import lazy_names
@@ -22,6 +24,10 @@ _API = {
     "new_model": "engine.models",
     "save_model": "engine.models",
     "segment": "engine.inference",
+    "segment_files": "engine.cluster",
+    "segment_zarr": "engine.zarrseg",
+    "train": "engine.training",
+    "export_model": "engine.export",
 }
 
 __getattr__, __dir__ = lazy_names(__name__, _API, globals())
@@ -38,4 +44,8 @@ __all__ = [
     "new_model",
     "save_model",
     "segment",
+    "segment_files",
+    "segment_zarr",
+    "train",
+    "export_model",
 ]

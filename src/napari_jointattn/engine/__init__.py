@@ -22,6 +22,9 @@ _API = {
     "save_model": "models",
     "Segmentation": "inference",
     "segment": "inference",
+    "segment_files": "cluster",
+    "segment_zarr": "zarrseg",
+    "export_model": "export",
 }
 
 __getattr__, __dir__ = lazy_names(__name__, _API, globals())
