@@ -179,13 +179,7 @@ def test_single_process_records_one_process(blobs, one_thread):
 
 
 def test_entry_point_takes_the_train_arguments(capsys):
-    import napari_jointattn
-    from napari_jointattn import BadInputError
     from napari_jointattn.train import main
-
-    # importing the entry module rebinds the package's name ``train``: it still trains
-    with pytest.raises(BadInputError, match="epochs"):
-        napari_jointattn.train("nuclei", [], [], epochs=0)
 
     assert main(["--help"]) == 0
     assert "--max-seconds" in capsys.readouterr().out

@@ -60,7 +60,7 @@ def report_range(dst):
 
 def test_cancel_leaves_an_incomplete_store_and_a_rerun_resumes_it(zimage, tmp_path):
     src, _ = zimage
-    full = segment_zarr(src, tmp_path / "full.zarr", "nuclei", block=128)
+    segment_zarr(src, tmp_path / "full.zarr", "nuclei", block=128)
     stop_after = []
 
     def on_block(done, total):

@@ -7,6 +7,9 @@ The Python API mirrors the command line::
     result = segment("cells.tif", model)      # result.labels, result.attention
     segment_files(["folder/"], "out/", model, workers=2)    # many files, on a dask cluster
     segment_zarr("big.ome.zarr", "big_labels.zarr", model)  # bigger than memory, block by block
+
+Training is ``napari_jointattn.engine.train`` (``napari_jointattn.train`` is the
+module that ``torchrun -m napari_jointattn.train`` runs).
 """
 
 from ._lazy import lazy_names
@@ -26,7 +29,6 @@ _API = {
     "segment": "engine.inference",
     "segment_files": "engine.cluster",
     "segment_zarr": "engine.zarrseg",
-    "train": "engine.training",
     "export_model": "engine.export",
 }
 
@@ -46,6 +48,5 @@ __all__ = [
     "segment",
     "segment_files",
     "segment_zarr",
-    "train",
     "export_model",
 ]

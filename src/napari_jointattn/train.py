@@ -16,21 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import sys
-import types
-
-
-class _TrainModule(types.ModuleType):
-    """This module, callable as the API function ``train`` it shares its name with.
-
-    The package exports ``napari_jointattn.train`` (the engine's ``train()``)
-    and importing this submodule rebinds that name to the module, so the
-    module forwards calls: ``napari_jointattn.train(...)`` trains either way.
-    """
-
-    def __call__(self, *args, **kwargs):
-        from .engine.training import train
-
-        return train(*args, **kwargs)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,5 +49,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-else:
-    sys.modules[__name__].__class__ = _TrainModule

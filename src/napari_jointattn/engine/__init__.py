@@ -25,6 +25,8 @@ _API = {
     "segment_files": "cluster",
     "segment_zarr": "zarrseg",
     "export_model": "export",
+    "train": "training",
+    "TrainSettings": "training",
 }
 
 __getattr__, __dir__ = lazy_names(__name__, _API, globals())
