@@ -343,3 +343,40 @@ def test_fitting_preset_is_preselected_and_misfits_are_shown(make_napari_viewer,
     qtbot.waitUntil(lambda: "3-D volume" in widget.fit_label.text(), timeout=30_000)
     assert widget.model_combo.currentData() == "nuclei"
     wait_workers()
+
+
+def test_a_layer_bigger_than_memory_is_segmented_into_a_zarr_store(qtbot, dock, tmp_path, monkeypatch):
+    """A multiscale layer over the lazy threshold: blocks into a store, a lazily opened labels layer."""
+    zarr = pytest.importorskip("zarr")
+    from napari_jointattn.controllers import layers as layers_mod
+    from napari_jointattn.engine.zarrseg import segment_zarr, store_state
+
+    monkeypatch.setattr(layers_mod, "LAZY_PIXELS", 100_000)
+    rng = np.random.default_rng(0)
+    img = rng.normal(20, 4, (600, 500)).astype(np.float32)
+    yy, xx = np.mgrid[:600, :500]
+    for cy, cx in rng.integers(10, 490, (40, 2)):
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < 49] += 200
+    group = zarr.open_group(str(tmp_path / "big.zarr"), mode="w", zarr_format=2)
+    level0 = group.create_array("0", shape=img.shape, chunks=(128, 128), dtype=img.dtype)
+    level0[:] = img
+    level1 = group.create_array("1", shape=(300, 250), chunks=(128, 128), dtype=img.dtype)
+    level1[:] = img[::2, ::2]
+    viewer, widget = dock
+    viewer.add_image([level0, level1], name="big", multiscale=True, contrast_limits=(0, 250))
+    monkeypatch.setattr("platformdirs.user_cache_dir", lambda *a, **k: str(tmp_path / "cache"))
+    widget.image_combo.setCurrentText("big")
+    widget.segment_button.click()
+    wait_idle(qtbot, widget, timeout=120_000)
+    layer = viewer.layers["big labels"]
+    assert isinstance(layer.data, zarr.Array)  # opened lazily, never read whole
+    store = layer.metadata["jointattn_store"]
+    assert store.startswith(str(tmp_path / "cache")) and store_state(store)["complete"]
+    assert "labels in" in widget.status.text()
+    # the same as the engine's block-by-block result for the array
+    model = widget.controller.model(widget.model_combo.currentData())
+    direct = segment_zarr([level0, level1], tmp_path / "direct.zarr", model)
+    assert direct.complete
+    expected = zarr.open_array(str(tmp_path / "direct.zarr" / "0"), mode="r")[:]
+    np.testing.assert_array_equal(layer.data[:] > 0, expected > 0)
+    assert int(layer.data[:].max()) > 0

@@ -26,9 +26,43 @@ class LayerInput:
     spatial_shape: tuple
 
 
+#: an image layer whose data is not in memory (multiscale, dask, zarr) and has more pixels than
+#: this at full resolution is segmented block by block into a Zarr store (engine.zarrseg)
+LAZY_PIXELS = 64 * 1024 * 1024
+
+
+def full_resolution(layer):
+    """The layer's full-resolution data: level 0 of a multiscale layer, else its data (not read)."""
+    return layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+
+
+def lazy_levels(layer) -> list | None:
+    """The levels of a layer too big to read into memory (full resolution first), or None."""
+    data = full_resolution(layer)
+    if isinstance(data, np.ndarray) or int(np.prod(data.shape, dtype=np.int64)) <= LAZY_PIXELS:
+        return None
+    return list(layer.data) if getattr(layer, "multiscale", False) else [data]
+
+
+def preview_data(layer, side: int = 1024) -> np.ndarray:
+    """A small in-memory view of any image layer (for fit checks): the data, or for
+    big lazy layers its smallest level, or a central crop of ``side`` pixels."""
+    levels = lazy_levels(layer)
+    if levels is None:
+        return np.asarray(full_resolution(layer))
+    small = levels[-1]
+    if int(np.prod(small.shape[-2:])) <= side * side * 4:
+        return np.asarray(small)
+    data = levels[0]
+    h, w = data.shape[-2:]
+    lead = tuple(n // 2 for n in data.shape[:-2])
+    y, x = max(0, h // 2 - side // 2), max(0, w // 2 - side // 2)
+    return np.asarray(data[lead + (slice(y, y + side), slice(x, x + side))])
+
+
 def layer_input(layer, channel_axis: int | None = None) -> LayerInput:
-    """Data, channel axis and spatial geometry of an Image layer."""
-    data = np.asarray(layer.data)
+    """Data, channel axis and spatial geometry of an Image layer (level 0 of a multiscale one)."""
+    data = np.asarray(full_resolution(layer))
     scale = tuple(layer.scale)
     translate = tuple(layer.translate)
     if getattr(layer, "rgb", False):

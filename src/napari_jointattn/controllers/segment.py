@@ -26,6 +26,8 @@ from .layers import (
     current_index,
     labels_name,
     layer_input,
+    lazy_levels,
+    preview_data,
 )
 from .session import Session, session_for
 
@@ -49,6 +51,25 @@ class Request:
     slices: list[int] | None = None
     layer_id: object = None
     extra: dict = field(default_factory=dict)
+    #: a layer too big for memory: its levels (full resolution first), segmented block by block
+    #: into the Zarr store ``store`` (``input.data`` is then an empty placeholder)
+    lazy: list | None = None
+    store: object = None
+    source_name: str | None = None
+
+
+@dataclass
+class StoreSegmentation:
+    """A block-by-block result: labels in a Zarr store, opened lazily."""
+
+    labels: object  # zarr.Array
+    store: object  # Path
+    report: object  # engine.zarrseg.ZarrReport
+    device: str
+    instances: bool
+    seconds: float
+    notes: list = field(default_factory=list)
+    attention: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -57,6 +78,35 @@ class Step:
 
     what: str
     run: Callable[[], object]
+
+
+def store_for(layer, source_name: str):
+    """Where a big layer's labels store goes: next to an OME-Zarr source when that folder is
+    writable, else in the user cache folder. A complete store, or one of another source or
+    model, is never reused: the next free name is taken (``..._labels-1.zarr``)."""
+    import os
+    import re
+    from pathlib import Path
+
+    from ..engine.zarrseg import store_state
+
+    path = getattr(getattr(layer, "source", None), "path", None)
+    if path and str(path).rstrip("/").lower().endswith(".zarr") and os.access(Path(path).parent, os.W_OK):
+        folder, stem = Path(path).parent, Path(str(path).rstrip("/")).stem
+    else:
+        from platformdirs import user_cache_dir
+
+        folder = Path(user_cache_dir("napari-jointattn")) / "labels"
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", layer.name).strip("-") or "image"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(1000):
+        store = folder / (f"{stem}_labels.zarr" if i == 0 else f"{stem}_labels-{i}.zarr")
+        if not store.exists():
+            return store
+        state = store_state(store)
+        if state is not None and not state.get("complete") and state.get("source") == source_name:
+            return store  # an interrupted run of this layer: resumed (if the model is the same)
+    raise BadInputError(f"no free name for a labels store in {folder}")
 
 
 def attention_factor(shape: tuple) -> int:
@@ -165,7 +215,7 @@ class SegmentController:
             return None
         layer = self.viewer.layers[layer_name]
         path = getattr(getattr(layer, "source", None), "path", None)
-        return FitQuery(layer_name, np.asarray(layer.data), str(path) if path else None,
+        return FitQuery(layer_name, preview_data(layer), str(path) if path else None,
                         model_key or self.session.current_model(), may_switch)
 
     # requests -----------------------------------------------------------
@@ -193,6 +243,9 @@ class SegmentController:
             raise BadInputError("choose a model (no presets or saved models found)")
         tile = int(tile or self.session.tile)
         layer = self.viewer.layers[layer_name]
+        levels = lazy_levels(layer)
+        if levels is not None:
+            return self._lazy_request(layer, levels, model_key, device, tile, attention, channel_axis)
         inp = layer_input(layer, channel_axis)
         slices = None
         if len(inp.spatial_shape) == 3 and not whole_stack:
@@ -203,6 +256,22 @@ class SegmentController:
                 "segment 2-D images or 3-D stacks"
             )
         return Request(layer_name, model_key, device, tile, attention, inp, slices, layer.unique_id)
+
+    def _lazy_request(self, layer, levels, model_key, device, tile, attention, channel_axis) -> Request:
+        """A layer bigger than memory: blocks into a Zarr store, labels opened lazily."""
+        if getattr(layer, "rgb", False) or channel_axis is not None:
+            raise BadInputError(f"layer {layer.name!r} is segmented block by block, which takes one "
+                                "channel: open one channel as its own layer")
+        if attention:
+            raise BadInputError(f"layer {layer.name!r} is too big for attention maps "
+                                f"({levels[0].shape}); untick Attention maps to segment it block by block")
+        shape = tuple(levels[0].shape)
+        path = getattr(getattr(layer, "source", None), "path", None)
+        name = f"{path or layer.name} {shape}"
+        empty = LayerInput(np.zeros((0,) * len(shape), np.uint8), None, tuple(layer.scale),
+                           tuple(layer.translate), shape)
+        return Request(layer.name, model_key, device, tile, False, empty, None, layer.unique_id,
+                       lazy=levels, store=store_for(layer, name), source_name=name)
 
     def run(self, request: Request, progress=None):
         """Engine call (worker thread); None when cancelled.
@@ -219,6 +288,8 @@ class SegmentController:
             return not self.cancel_event.is_set()
 
         model = self.model(request.model_key)
+        if request.lazy is not None:
+            return self._run_blocks(request, model, progress)
         try:
             return segment(
                 request.input.data,
@@ -232,6 +303,25 @@ class SegmentController:
             )
         except Cancelled:
             return None
+
+    def _run_blocks(self, request: Request, model, progress) -> StoreSegmentation | None:
+        import zarr
+
+        from ..engine.devices import describe_device, resolve_device
+        from ..engine.zarrseg import segment_zarr
+
+        def on_block(done: int, total: int) -> bool:
+            if progress is not None:
+                progress({"total": total, "done": done, "message": "Segment (blocks)"})
+            return not self.cancel_event.is_set()
+
+        report = segment_zarr(request.lazy, request.store, model, tile=request.tile, device=request.device,
+                              on_block=on_block, source_name=request.source_name)
+        if not report.complete:
+            return None  # cancelled: the store stays, marked incomplete; the same click resumes it
+        labels = zarr.open_array(str(request.store / "0"), mode="r+")
+        return StoreSegmentation(labels, request.store, report, describe_device(resolve_device(request.device)),
+                                 bool(model.instances), report.seconds)
 
     def run_and_prepare(self, request: Request, progress=None):
         """:meth:`run`, then :meth:`prepare` (worker thread): (result, steps), or None when cancelled."""
@@ -251,6 +341,11 @@ class SegmentController:
 
         steps = [Step("check", lambda: self._check_input(request, result))]
         name = labels_name(request.layer_name)
+        if isinstance(result, StoreSegmentation):  # never read into memory; always a layer of its own
+            layer = Labels(result.labels, name=name, scale=request.input.scale, translate=request.input.translate,
+                           metadata={"jointattn_store": str(result.store)})
+            steps.append(Step("labels", lambda layer=layer: self._add(layer)))
+            return steps
         labels = np.asarray(result.labels)
         existing = self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
         like = request.input

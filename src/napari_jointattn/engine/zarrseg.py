@@ -74,15 +74,28 @@ class ZarrInput:
     preview: object | None
 
 
-def open_input(path: str | os.PathLike) -> ZarrInput:
-    """The full-resolution array of a Zarr array or OME-Zarr image group (read only)."""
+def open_input(path) -> ZarrInput:
+    """The full-resolution array of a Zarr array or OME-Zarr image group (read only).
+
+    ``path`` may also be an array (zarr, dask: anything with ``shape``,
+    ``dtype`` and slicing), or a list of arrays from full to low resolution
+    (a napari multiscale layer's levels).
+    """
+    axes: list[dict] = []
+    preview = None
+    if isinstance(path, ZarrInput):
+        return path
+    if not isinstance(path, (str, os.PathLike)):
+        levels = list(path) if isinstance(path, (list, tuple)) or (
+            hasattr(path, "__len__") and not hasattr(path, "shape")) else [path]
+        array = levels[0]
+        preview = next((lv for lv in levels[1:] if math.prod(lv.shape[-2:]) <= 4096 * 4096), None)
+        return _checked(ZarrInput(array, axes, preview), "the image")
     zarr = _zarr()
     try:
         node = zarr.open(str(path), mode="r")
     except Exception as exc:  # noqa: BLE001 - zarr raises many kinds
         raise BadInputError(f"{path}: not a readable Zarr store ({type(exc).__name__}: {exc})") from exc
-    axes: list[dict] = []
-    preview = None
     if isinstance(node, zarr.Array):
         array = node
     else:
@@ -102,6 +115,11 @@ def open_input(path: str | os.PathLike) -> ZarrInput:
             if math.prod(level.shape[-2:]) <= 4096 * 4096:
                 preview = level
                 break
+    return _checked(ZarrInput(array, axes, preview), str(path))
+
+
+def _checked(src: ZarrInput, path: str) -> ZarrInput:
+    array, axes = src.array, src.axes
     if array.ndim < 2:
         raise BadInputError(f"{path}: a {array.ndim}-D array is not an image")
     for i, ax in enumerate(axes[:-2]):
@@ -110,7 +128,7 @@ def open_input(path: str | os.PathLike) -> ZarrInput:
                                 "segment one channel (e.g. write it to its own array)")
     if array.dtype.kind not in "uif" and array.dtype != bool:
         raise BadInputError(f"{path}: pixel type {array.dtype} is not an image")
-    return ZarrInput(array, axes, preview)
+    return src
 
 
 def value_range(src: ZarrInput, percentiles: tuple[float, float], windows: int = 8, size: int = 256
@@ -171,8 +189,8 @@ class ZarrReport:
     failed: list[tuple[int, str]] = field(default_factory=list)
 
 
-def _settings(src: Path, model, block: int, halo: int, tile: int, lo_hi) -> dict:
-    return {"source": str(Path(src).resolve()), "model": getattr(model, "name", str(model)), "block": block, "halo": halo, "tile": tile,
+def _settings(source: str, model, block: int, halo: int, tile: int, lo_hi) -> dict:
+    return {"source": source, "model": getattr(model, "name", str(model)), "block": block, "halo": halo, "tile": tile,
             "value_range": [float(lo_hi[0]), float(lo_hi[1])]}
 
 
@@ -219,9 +237,12 @@ def _prepare_output(dst: Path, src: ZarrInput, model, settings: dict, overwrite:
     return labels, mine
 
 
-def segment_block(src_path: str, dst_path: str, b: Block, model, settings: dict, device: str = "auto",
+def segment_block(src_path, dst_path: str, b: Block, model, settings: dict, device: str = "auto",
                   threads: int | None = None) -> int:
-    """Segment one block and write its chunk, then its marker; returns the block number."""
+    """Segment one block and write its chunk, then its marker; returns the block number.
+
+    ``src_path``: the input's path (opened here: on a cluster worker), or a :class:`ZarrInput`.
+    """
     from .files import write_atomic
 
     if threads:
@@ -343,6 +364,7 @@ def segment_zarr(
     client=None,
     threads: int | None = None,
     on_block: Callable[[int, int], "bool | None"] | None = None,
+    source_name: str | None = None,
 ) -> ZarrReport:
     """Segment the Zarr / OME-Zarr image ``src`` into the OME-Zarr labels store ``dst``.
 
@@ -353,7 +375,9 @@ def segment_zarr(
     threads if given. ``on_block(done, total)``
     after each block; returning ``False`` stops (the store stays incomplete,
     and a rerun resumes). ``overwrite``: replace a complete store or one of
-    another run.
+    another run. ``src`` may also be an array or a list of levels (see
+    :func:`open_input`; not with ``client``); ``source_name`` then names it in the
+    store's attributes, and a rerun resumes only with the same name.
     """
     from .models import load_model
 
@@ -361,12 +385,16 @@ def segment_zarr(
     if not isinstance(block, int) or block < 64:
         raise BadInputError(f"block must be an integer of at least 64 pixels, got {block!r}")
     model = load_model(model)
-    src_path, dst = Path(src), Path(dst)
-    if dst.resolve() == src_path.resolve():
+    dst = Path(dst)
+    is_path = isinstance(src, (str, os.PathLike))
+    if is_path and dst.resolve() == Path(src).resolve():
         raise BadInputError(f"{dst}: the output store would replace the input")
-    source = open_input(src_path)
+    if client is not None and not is_path:
+        raise BadInputError("on a cluster the input must be a Zarr path the workers can open")
+    source = open_input(src)
+    name = str(Path(src).resolve()) if is_path else (source_name or f"array {tuple(source.array.shape)}")
     lo_hi = value_range(source, model.normalization.percentiles)
-    settings = _settings(src_path, model, block, halo, tile, lo_hi)
+    settings = _settings(name, model, block, halo, tile, lo_hi)
     labels, mine = _prepare_output(dst, source, model, settings, overwrite)
     settings["value_range"] = mine["value_range"]  # a resumed run keeps the first run's range
     blocks = blocks_of(tuple(source.array.shape), block)
@@ -379,7 +407,7 @@ def segment_zarr(
 
     if client is None:
         for b in todo:
-            segment_block(str(src_path), str(dst), b, model, settings, device)
+            segment_block(source, str(dst), b, model, settings, device, threads)
             report.done += 1
             if not tell():
                 stopped = True
@@ -390,7 +418,7 @@ def segment_zarr(
         from .errors import one_line
 
         ref = client.scatter(model, broadcast=True)
-        futures = {client.submit(segment_block, str(src_path), str(dst), b, ref, settings, device, threads,
+        futures = {client.submit(segment_block, str(src), str(dst), b, ref, settings, device, threads,
                                  pure=False, key=f"block-{dst.name}-{b.number}"): b for b in todo}
         for future in as_completed(futures):
             try:

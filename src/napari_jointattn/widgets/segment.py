@@ -315,7 +315,11 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
 
     def _done(self, request: Request, value) -> None:
         if value is None or self.controller.cancel_event.is_set():
-            self.status.setText("Cancelled: no layer was changed.")
+            if request.store is not None:
+                self.status.setText(f"Cancelled: no layer was changed; {request.store} is marked incomplete "
+                                    "and Segment resumes it.")
+            else:
+                self.status.setText("Cancelled: no layer was changed.")
             return
         result, steps = value
         self.status.setText(f"{request.layer_name}: adding layers…")
@@ -343,6 +347,11 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
 
     def _report(self, request: Request, result) -> None:
         self.device_label.setText(f"Device used: {result.device}")
+        if getattr(result, "store", None) is not None:  # block by block, into a Zarr store
+            from ..engine.zarrseg import describe
+
+            self.status.setText(f"{request.layer_name}: {describe(result.report)}; labels in {result.store}")
+            return
         n = int(result.labels.max()) if result.instances else int(np.unique(result.labels).size - 1)
         what = "objects" if result.instances else "classes"
         self.status.setText(f"{request.layer_name}: {n} {what} in {result.seconds:.1f} s on {result.device}")
