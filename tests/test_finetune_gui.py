@@ -328,3 +328,24 @@ def test_fine_tune_dock_alone_trains_with_its_defaults(qtbot, lone_ft, blobs, mo
     assert ft.controller.last_request.start == "nuclei"  # the first preset
     assert result.path is not None and result.path.is_file() and result.path.parent == model_dir
     assert result.path.name.startswith("nuclei-ft-")
+
+
+def test_export_a_version_as_onnx_from_the_dock(qtbot, docks, model_dir, tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from qtpy.QtWidgets import QFileDialog
+
+    viewer, seg, ft, _start = docks
+    save_model(new_model("nuclei", seed=1, provenance={"parent": "start"}), model_dir / "start-ft-older.safetensors")
+    ft.refresh_versions()
+    ft.versions_list.setCurrentRow(0)
+    monkeypatch.setattr(QFileDialog, "getSaveFileName",
+                        staticmethod(lambda *a, **k: (str(tmp_path / "shared"), "ONNX (*.onnx)")))
+    assert ft.versions_list.selectedItems()
+    ft.export_button.click()
+    qtbot.waitUntil(lambda: ft.export_button.isEnabled(), timeout=120_000)
+    assert ft.last_export == tmp_path / "shared.onnx", ft.status.text()
+    assert (tmp_path / "shared.onnx").is_file() and (tmp_path / "shared.onnx.json").is_file()
+    assert "Exported" in ft.status.text()
+    import onnxruntime
+
+    onnxruntime.InferenceSession(str(tmp_path / "shared.onnx"), providers=["CPUExecutionProvider"])

@@ -66,3 +66,16 @@ def test_versions_listed_newest_first_without_plain_or_unimproved_models(tmp_pat
     (tmp_path / "shared").mkdir()
     out = export_version(new, tmp_path / "shared" / "copy")
     assert out.name == "copy.safetensors" and out.read_bytes() == new.read_bytes()
+
+
+def test_export_format_follows_the_suffix_or_the_choice():
+    from napari_jointattn.engine.errors import BadInputError
+    from napari_jointattn.engine.versions import export_format
+
+    assert export_format("a/m.onnx") == ("onnx", "a/m.onnx")
+    assert export_format("a/m.ZIP") == ("bioimageio", "a/m.ZIP")
+    assert export_format("a/m") == ("safetensors", "a/m.safetensors")
+    assert export_format("a/m", "torchscript") == ("torchscript", "a/m.pt")
+    assert export_format("a/m.pt", "torchscript") == ("torchscript", "a/m.pt")
+    with pytest.raises(BadInputError, match="unknown export format"):
+        export_format("a/m", "tflite")

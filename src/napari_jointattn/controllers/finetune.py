@@ -258,8 +258,10 @@ class FinetuneController:
         self.session.set_model(str(path))
         return str(path)
 
-    def export(self, path: Path, target: str) -> Path:
-        return export_version(path, target)
+    def export(self, path: Path, target: str, fmt: str | None = None) -> Path:
+        """Export a version (worker thread for every format but a plain copy): see
+        :func:`~..engine.versions.export_version`."""
+        return export_version(path, target, fmt)
 
     # before / after ----------------------------------------------------------------
     def compare_request(self, image_name: str, before_key: str, after_key: str) -> CompareRequest:

@@ -59,11 +59,37 @@ def describe_version(path: Path, meta: dict) -> str:
     return f"{path.stem}  (from {meta['provenance']['parent']}, val Dice {shown}, {saved})"
 
 
-def export_version(path: Path, target: str | Path) -> Path:
-    """Copy a model file to ``target`` (``.safetensors`` appended if missing), atomically;
-    a broken file is refused."""
+#: what an exported file's suffix says it is: our model file, or a format of engine.export
+EXPORT_SUFFIXES = {MODEL_SUFFIX: "safetensors", ".zip": "bioimageio", ".onnx": "onnx", ".pt": "torchscript"}
+
+
+def export_format(target: str | Path, fmt: str | None = None) -> tuple[str, str]:
+    """(format, target): ``fmt`` if given (its suffix appended when missing), else the target's
+    suffix; a target without a known suffix is a model file (``.safetensors`` appended)."""
     target = str(target)
-    if not target.endswith(MODEL_SUFFIX):
-        target += MODEL_SUFFIX
+    if fmt is None:
+        fmt = next((f for suffix, f in EXPORT_SUFFIXES.items() if target.lower().endswith(suffix)),
+                   "safetensors")
+    suffix = {f: s for s, f in EXPORT_SUFFIXES.items()}.get(fmt)
+    if suffix is None:
+        raise BadInputError(f"unknown export format {fmt!r} (safetensors, bioimageio, onnx, torchscript)")
+    if not target.lower().endswith(suffix):
+        target += suffix
+    return fmt, target
+
+
+def export_version(path: Path, target: str | Path, fmt: str | None = None) -> Path:
+    """Export a model file to ``target``, atomically; a broken file is refused.
+
+    ``fmt`` (default: from ``target``'s suffix, see :func:`export_format`):
+    ``safetensors`` copies the file; ``bioimageio``, ``onnx`` and
+    ``torchscript`` go through :func:`.export.export_model` (each checked
+    before it is written).
+    """
+    fmt, target = export_format(target, fmt)
     read_metadata(path)
-    return write_atomic(target, lambda tmp: shutil.copyfile(path, tmp))
+    if fmt == "safetensors":
+        return write_atomic(target, lambda tmp: shutil.copyfile(path, tmp))
+    from .export import export_model
+
+    return export_model(path, fmt, target).path

@@ -96,6 +96,7 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self._summary_again = False
         self._watched: set = set()
         self._bridge = _workers.ProgressBridge()
+        self.last_export: Path | None = None
         self._bridge.progress.connect(self._on_progress)
         self.live = LiveController(napari_viewer, session=self.controller.session)
         #: further live-mode engine settings (batch_size, crop, lr, ...) for scripts and tests
@@ -560,13 +561,30 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         items = self.versions_list.selectedItems()
         if not items:
             return
-        target, _ = QFileDialog.getSaveFileName(self, "Export model", items[0].data(256),
-                                                "Model files (*.safetensors)")
-        if target:
-            try:
-                self.controller.export(Path(items[0].data(256)), target)
-            except BadInputError as exc:
-                self._notify_error(str(exc))
+        source = Path(items[0].data(256))
+        filters = {"Model file (*.safetensors)": "safetensors",
+                   "bioimage.io model package (*.zip)": "bioimageio",
+                   "ONNX (*.onnx)": "onnx",
+                   "TorchScript (*.pt)": "torchscript"}
+        target, chosen = QFileDialog.getSaveFileName(self, "Export model", str(source.with_suffix("")),
+                                                     ";;".join(filters))
+        if not target:
+            return
+        fmt = filters.get(chosen)
+        self.export_button.setEnabled(False)
+        self.status.setText(f"Exporting {source.stem} ({fmt or 'safetensors'})…")
+
+        def done(path) -> None:
+            self.status.setText(f"Exported {source.stem} to {path}")
+            self.last_export = Path(path)
+
+        def failed(exc: BaseException) -> None:
+            self.status.setText("Export failed: nothing was written.")
+            self._notify_error(str(exc) if isinstance(exc, BadInputError) else f"{type(exc).__name__}: {exc}")
+
+        # checked exports run the model (and bioimage.io's own test run): never on the GUI thread
+        _workers.start(lambda: self.controller.export(source, target, fmt), done, failed,
+                       lambda: self.export_button.setEnabled(True))
 
     # learn while I paint -------------------------------------------------------------------
     def _live_pair(self) -> tuple[str | None, str | None]:
