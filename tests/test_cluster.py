@@ -59,8 +59,9 @@ def test_killed_worker_task_is_rerun_and_outputs_match_one_process(folder, tmp_p
                 os.kill(pid, signal.SIGKILL)
                 killed.append(busy[0])
 
+        # two files per task: a rerun task finds its first file already written and keeps it
         report = segment_files([folder], out, "nuclei", scheduler=client, threads_per_worker=1,
-                               on_result=on_result)
+                               files_per_task=2, on_result=on_result)
     assert killed, "no worker was busy when the first result came back"
     assert not report.failed
     assert sorted(r.input.name for r in report.done) == [f"img{i}.tif" for i in range(6)]

@@ -95,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--scheduler", default=None, metavar="ADDRESS",
                        help="segment files on a running dask.distributed cluster (e.g. tcp://host:8786); "
                             "its workers must see the same paths (docs/scale.md)")
+    s.add_argument("--files-per-task", type=_positive, default=1, metavar="K",
+                   help="with --workers/--scheduler: files segmented by one cluster task (default 1; "
+                        "more for many small images, see docs/scale.md)")
 
     e = sub.add_parser("evaluate", help="score a model against reference labels (prints JSON)")
     e.add_argument("--model", default="nuclei", help="preset name or model file")
@@ -198,7 +201,7 @@ def cmd_segment(args) -> int:
         report = segment_files(args.inputs, args.out, args.model, workers=args.workers,
                                scheduler=args.scheduler, device=args.device, tile=args.tile,
                                axis=args.axis, attention=args.attention, overwrite=args.overwrite,
-                               on_result=on_result, on_plan=on_plan,
+                               files_per_task=args.files_per_task, on_result=on_result, on_plan=on_plan,
                                tile_progress=lambda path: _Progress(path.name))
     finally:
         bar.close()

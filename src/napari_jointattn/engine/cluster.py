@@ -75,14 +75,31 @@ def _worker_model(ref):
     return model
 
 
-def _task(job: Job, model_ref, options: dict, threads: int | None) -> JobResult:
-    """One input on a worker (or here): a bad input becomes a result, not a retry."""
+def _task(jobs: list[Job], model_ref, options: dict, threads: int | None) -> list:
+    """Some inputs on a worker (or here), one after the other: a JobResult or an
+    ``(input, reason)`` failure each (a bad input is a result, not a retry).
+
+    An input whose labels already exist was finished by an earlier attempt of this
+    task (its worker died before reporting): it is reported done, not written again.
+    """
+    from .errors import one_line
+
     if threads:
         import torch
 
         torch.set_num_threads(threads)
     model = _worker_model(model_ref)
-    return run_job(job, model, **options)
+    out = []
+    for job in jobs:
+        if not options["overwrite"] and os.path.lexists(job.outputs[0]):
+            out.append(JobResult(job.input, list(job.outputs), "already written by an earlier attempt",
+                                 0.0, "-", [], []))
+            continue
+        try:
+            out.append(run_job(job, model, **options))
+        except BadInputError as exc:
+            out.append((job.input, one_line(exc)))
+    return out
 
 
 def _model_ref(model: str | os.PathLike) -> str:
@@ -105,6 +122,7 @@ def segment_files(
     attention: bool = False,
     overwrite: bool = False,
     threads_per_worker: int | None = None,
+    files_per_task: int = 1,
     on_result: Callable[[JobResult | tuple[Path, str]], None] | None = None,
     on_plan: Callable[[Plan], None] | None = None,
     tile_progress: Callable[[Path], Callable] | None = None,
@@ -113,6 +131,8 @@ def segment_files(
 
     ``workers``: start a local cluster of this many processes (each with
     ``threads_per_worker`` torch threads; default: the cores shared out).
+    ``files_per_task``: inputs segmented by one cluster task (more per task: less
+    scheduler work per file, coarser progress and retries; see docs/scale.md).
     ``scheduler``: the address of a running dask scheduler (or a
     ``distributed.Client``). ``on_result`` is called, in this process, with
     each :class:`JobResult` or ``(input, reason)`` failure as it arrives;
@@ -159,8 +179,10 @@ def segment_files(
             _run_here(plan, loaded, options, record, tile_progress)
         else:
             ref = _model_ref(model) if isinstance(model, (str, os.PathLike)) else loaded
+            if not isinstance(files_per_task, int) or files_per_task < 1:
+                raise BadInputError(f"files_per_task must be a positive integer, got {files_per_task!r}")
             report.workers = _run_on_cluster(plan, ref, loaded, options, record, workers, scheduler,
-                                             threads_per_worker)
+                                             threads_per_worker, files_per_task)
     finally:
         # no task of this run is running any more: what a killed writer left is garbage
         from .files import remove_stale_temporaries
@@ -185,7 +207,7 @@ def _run_here(plan: Plan, model, options: dict, record, tile_progress) -> None:
 
 
 def _run_on_cluster(plan: Plan, model_ref, loaded, options: dict, record, workers, scheduler,
-                    threads_per_worker) -> int:
+                    threads_per_worker, files_per_task: int = 1) -> int:
     """File inputs are tasks; a Zarr input's blocks are tasks (:mod:`.zarrseg`)."""
     try:
         from distributed import Client, LocalCluster, as_completed
@@ -219,18 +241,18 @@ def _run_on_cluster(plan: Plan, model_ref, loaded, options: dict, record, worker
         files = [job for job in plan.jobs if not is_zarr(job.input)]
         if files and isinstance(model_ref, Model):  # sent to every worker once, not with every task
             model_ref = client.scatter(model_ref, broadcast=True)
-        futures = {client.submit(_task, job, model_ref, options, threads, pure=False,
-                                 key=f"segment-{i}-{job.input.name}"): job
-                   for i, job in enumerate(files)}
+        groups = [files[i:i + files_per_task] for i in range(0, len(files), files_per_task)]
+        futures = {client.submit(_task, group, model_ref, options, threads, pure=False,
+                                 key=f"segment-{i}-{group[0].input.name}"): group
+                   for i, group in enumerate(groups)}
         n_workers = len(client.scheduler_info().get("workers", {}))
         for future in as_completed(futures):
-            job = futures[future]
             try:
-                record(future.result())
-            except BadInputError as exc:
-                record((job.input, one_line(exc)))
+                for item in future.result():
+                    record(item)
             except Exception as exc:  # KilledWorker after repeated deaths, MemoryError on a worker...
-                record((job.input, f"{job.input}: {type(exc).__name__}: {one_line(exc)}"))
+                for job in futures[future]:
+                    record((job.input, f"{job.input}: {type(exc).__name__}: {one_line(exc)}"))
         for job in plan.jobs:
             if is_zarr(job.input):
                 try:
