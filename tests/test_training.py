@@ -166,11 +166,17 @@ def test_cli_train(tmp_path, blobs, capsys):
     tifffile.imwrite(tmp_path / "l.tif", labels)
     code = main(["train", "--image", str(tmp_path / "i.tif"), "--labels", str(tmp_path / "l.tif"),
                  "--from", "nuclei", "--out", str(tmp_path / "new.safetensors"), "--epochs", "1",
-                 "--device", "cpu", "--seed", "3"])
+                 "--device", "cpu", "--seed", "3", "--batch-size", "4",
+                 "--checkpoint", str(tmp_path / "run.ckpt")])
     out, err = capsys.readouterr()
     assert code == 0, err
     model = load_model(tmp_path / "new.safetensors")
     assert model.provenance["parent"] == "nuclei" and model.provenance["settings"]["seed"] == 3
+    assert model.provenance["settings"]["batch_size"] == 4
+    assert not (tmp_path / "run.ckpt").exists()  # removed once training finished
+    code = main(["train", "--image", str(tmp_path / "i.tif"), "--labels", str(tmp_path / "l.tif"),
+                 "--out", str(tmp_path / "y.safetensors"), "--checkpoint", str(tmp_path / "no" / "c")])
+    assert code == 2 and "--checkpoint" in capsys.readouterr().err
     code = main(["train", "--image", str(tmp_path / "i.tif"), "--labels", str(tmp_path / "l.tif"),
                  "--out", str(tmp_path / "x.pt")])
     assert code == 2 and "safetensors" in capsys.readouterr().err

@@ -124,6 +124,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--val-fraction", type=float, default=0.2)
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--batch-size", type=_positive, default=8, metavar="B",
+                   help="crops per step (under torchrun: the global batch, shared by the processes)")
+    t.add_argument("--checkpoint", metavar="PATH",
+                   help="resume from PATH if it exists; written after every epoch, removed at the end")
     t.add_argument("--axis", type=_axis, default=None)
     t.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
 
@@ -267,10 +271,12 @@ def cmd_train(args) -> int:
         raise BadInputError(f"{len(args.mask)} --mask for {len(args.image)} --image")
     # every argument is checked before any file is read or any step is taken
     check_output_file(args.out)
+    if args.checkpoint is not None and not Path(args.checkpoint).resolve().parent.is_dir():
+        raise BadInputError(f"--checkpoint {args.checkpoint}: its folder does not exist")
     classes = check_classes([c.strip() for c in args.classes.split(",")], "--classes") \
         if args.classes is not None else None
     TrainSettings(epochs=args.epochs, max_seconds=args.max_seconds, lr=args.lr,
-                  val_fraction=args.val_fraction, seed=args.seed).validate()
+                  val_fraction=args.val_fraction, seed=args.seed, batch_size=args.batch_size).validate()
     for p in args.image + args.labels + (args.mask or []):
         check_regular_file(p, "image file")
     images = [read_image(p) for p in args.image]
@@ -304,7 +310,8 @@ def cmd_train(args) -> int:
         result = train(args.start, images, labels, masks=masks, axis=args.axis, classes=classes,
                        out=args.out, epochs=args.epochs, max_seconds=args.max_seconds, lr=args.lr,
                        val_fraction=args.val_fraction, augment=not args.no_augment, seed=args.seed,
-                       device=args.device, callback=callback)
+                       batch_size=args.batch_size, checkpoint=args.checkpoint, device=args.device,
+                       callback=callback)
     finally:
         signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous_term is None else previous_term)
