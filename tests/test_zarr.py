@@ -112,3 +112,12 @@ def test_cli_segments_a_zarr_folder_entry(zimage, tmp_path, capsys):
     assert store_state(tmp_path / "o" / "img_labels.zarr")["complete"] is True
     assert main(["segment", str(src), "--out", str(tmp_path / "o")]) == 0
     assert "is complete" in capsys.readouterr().err
+
+
+def test_ome_zarr_output_names(tmp_path):
+    from pathlib import Path
+
+    from napari_jointattn.engine.batch import output_paths
+
+    assert output_paths(Path("/d/plate.ome.zarr"), tmp_path) == [tmp_path / "plate_labels.zarr"]
+    assert output_paths(Path("/d/scan.zarr/"), tmp_path) == [tmp_path / "scan_labels.zarr"]

@@ -92,7 +92,9 @@ def store_for(layer, source_name: str):
 
     path = getattr(getattr(layer, "source", None), "path", None)
     if path and str(path).rstrip("/").lower().endswith(".zarr") and os.access(Path(path).parent, os.W_OK):
-        folder, stem = Path(path).parent, Path(str(path).rstrip("/")).stem
+        from ..engine.imageio import output_stem
+
+        folder, stem = Path(path).parent, output_stem(path)
     else:
         from platformdirs import user_cache_dir
 

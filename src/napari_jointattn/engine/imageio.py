@@ -106,10 +106,10 @@ def file_format(path: str | os.PathLike) -> str | None:
 
 
 def output_stem(path: str | os.PathLike) -> str:
-    """``scan.nii.gz`` -> ``scan``; ``cells.tif`` -> ``cells``."""
-    name = Path(path).name
+    """``scan.nii.gz`` -> ``scan``; ``cells.tif`` -> ``cells``; ``plate.ome.zarr`` -> ``plate``."""
+    name = Path(str(path).rstrip("/\\")).name
     lower = name.lower()
-    for suffix in sorted(SUPPORTED, key=len, reverse=True):
+    for suffix in sorted((*SUPPORTED, ".ome.zarr", ".zarr"), key=len, reverse=True):
         if lower.endswith(suffix):
             return name[: -len(suffix)]
     return Path(name).stem
