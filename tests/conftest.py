@@ -16,6 +16,19 @@ except ImportError:  # pragma: no cover
     pass
 
 
+@pytest.fixture(scope="session")
+def _onnx_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_onnx_cache(_onnx_cache, monkeypatch):
+    """The CPU runtime's exported graphs go to one folder for the run, never the user's cache."""
+    from napari_jointattn.engine import runtime
+
+    monkeypatch.setattr(runtime, "cache_folder", lambda: _onnx_cache)
+
+
 @pytest.fixture(autouse=True)
 def _isolated_model_dir(tmp_path_factory, monkeypatch):
     """Never touch the real per-user model folder."""

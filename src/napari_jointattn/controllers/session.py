@@ -135,8 +135,12 @@ class Session:
             side = min(tile, WARM_SIDE)
             shape = (side, side) if model.in_channels == 1 else (side, side, model.in_channels)
             noise = np.random.default_rng(0).random(shape, dtype=np.float32)
-            segment(noise, model, tile=tile, device=device, attention=True,
-                    channel_axis=None if model.in_channels == 1 else 2)
+            channel_axis = None if model.in_channels == 1 else 2
+            segment(noise, model, tile=tile, device=device, attention=True, channel_axis=channel_axis)
+            from ..engine.runtime import cpu_runtime
+
+            if cpu_runtime() == "onnxruntime":  # opt-in: its graph is exported and loaded here, not at the click
+                segment(noise, model, tile=tile, device=device, attention=False, channel_axis=channel_axis)
             _warm_layers()
             self._warm.add(token)
         return True

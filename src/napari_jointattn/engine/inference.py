@@ -37,6 +37,7 @@ from .errors import BadInputError, Cancelled
 from .imageio import ImageFile, read_image
 from .models import Model, load_model
 from .normalize import normalize
+from .runtime import cpu_network
 from .placement import inference_network, release
 from .postprocess import classify, split_instances
 
@@ -80,6 +81,8 @@ class Segmentation:
     instances: bool = False
     slices: list[int] | None = None
     attention_keys: dict[str, AttentionKey] = field(default_factory=dict)
+    #: what ran the network: "torch", or "onnxruntime" (CPU, no attention maps; see engine.runtime)
+    runtime: str = "torch"
 
 
 # ------------------------------------------------------------------- tiling
@@ -525,15 +528,16 @@ def segment(
     planes = prepare_input(image, model, axis, channel_axis, slices)
     if value_range is not None:
         planes.volume_range = (float(value_range[0]), float(value_range[1]))
-    place = Placement.on(model, dev)
     out = Assembly(planes, model.instances, attention_map_keys(model) if attention else [])
+    notes: list[str] = []
+    fast = cpu_network(model, notes) if dev.type == "cpu" and not out.map_keys else None
+    place = Placement(dev, fast) if fast is not None else Placement.on(model, dev)
     bands = plane_bands(*planes.plane_shape)
     width = planes.plane_shape[1]
     f = model.normalization.upsample  # the network sees planes enlarged f times
     total = len(planes.todo) * sum(count_windows(((e1 - e0) * f, width * f), tile, overlap)
                                    for _, _, e0, e1 in bands)
     progress = _Progress(callback, total, place)
-    notes: list[str] = []
     nonfinite_pixels = 0
     k = model.num_classes
     progress.report("starting")
@@ -560,4 +564,6 @@ def segment(
             del pred
     if nonfinite_pixels:
         notes.append(f"{nonfinite_pixels} NaN/infinite pixels were labelled background")
-    return out.result(place.device, notes, start)
+    result = out.result(place.device, notes, start)
+    result.runtime = "onnxruntime" if fast is not None else "torch"
+    return result

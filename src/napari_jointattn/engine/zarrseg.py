@@ -216,7 +216,10 @@ def _prepare_output(dst: Path, src: ZarrInput, model, settings: dict, overwrite:
                 raise BadInputError(f"{dst} is an incomplete store of another run (source, model or block "
                                     "size differ); --overwrite / overwrite=True starts it again")
             return group["0"], mine
-        shutil.rmtree(dst)
+        if dst.is_dir() and not dst.is_symlink():
+            shutil.rmtree(dst)
+        else:
+            dst.unlink()
     group = zarr.open_group(str(dst), mode="w", zarr_format=2)
     block = settings["block"]
     shape = tuple(src.array.shape)
