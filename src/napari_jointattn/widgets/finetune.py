@@ -74,6 +74,14 @@ PAIR_HINT = ("Pair an image with any Labels layer of its size (Add pair); "
              "a Labels layer named '<image> labels' pairs by itself.")
 
 
+def _import_training_engine() -> None:
+    import importlib
+
+    for name in ("napari_jointattn.engine.live", "napari_jointattn.engine.training",
+                 "napari_jointattn.engine.uncertainty", "napari_jointattn.engine.postprocess"):
+        importlib.import_module(name)
+
+
 class FinetuneDock(_workers.WorkerDockMixin, QWidget):
     """napari dock widget titled "Fine-tune"."""
 
@@ -204,6 +212,16 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self.destroyed.connect(lambda *_: stop())
         self.refresh_layers()
         self.refresh_versions()
+        self.preload()
+
+    def preload(self) -> None:
+        """Import the training and live-loop engine in a worker thread while the dock is read,
+        so that Train and Start live do not pay for the imports (a pause of the window at
+        the start of the live loop otherwise: docs/performance.md)."""
+        if _workers.synchronous():
+            return
+        self.preload_worker = _workers.start(_import_training_engine, lambda _: None, lambda _: None,
+                                             lambda: None)
 
     def _make_live_box(self) -> QGroupBox:
         box = QGroupBox("Learn while I paint")
