@@ -56,6 +56,7 @@ from ..controllers.live import (
 from ..controllers.segment import PREDICTION_KEY
 from ..engine.errors import BadInputError
 from ..engine.versions import describe_version
+from ..controllers import gc_hold
 from . import _workers
 from .segment import DEVICES
 
@@ -80,6 +81,9 @@ def _import_training_engine() -> None:
     for name in ("napari_jointattn.engine.live", "napari_jointattn.engine.training",
                  "napari_jointattn.engine.uncertainty", "napari_jointattn.engine.postprocess"):
         importlib.import_module(name)
+    from ..controllers.session import _warm_layers
+
+    _warm_layers()  # napari's first Labels layer imports its features table (pandas): not at Start
 
 
 class FinetuneDock(_workers.WorkerDockMixin, QWidget):
@@ -206,6 +210,7 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         for ev in (events.inserted, events.removed):
             ev.connect(self.refresh_layers)
         events.removed.connect(self._live_layer_removed)
+        events.removed.connect(lambda *_: gc_hold.thaw())  # a removed layer's data may sit in frozen cycles
         self.viewer.dims.events.current_step.connect(self._live_view_moved)
         # closing the dock or the viewer ends the live loop (its worker thread stops by itself)
         stop = self.live.stop_event.set
@@ -651,6 +656,9 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self.annotated_combo.setEnabled(False)
         self.train_button.setEnabled(False)
         self.live_status.setText(f"Live on {image} ← {labels}: loading the start model…")
+        # napari runs a full garbage collection whenever a layer comes or goes (the live layers
+        # do): keep what exists now out of its walk, as the Segment dock does (see gc_hold)
+        gc_hold.settle()
         self.live_worker = _workers.start_loop(self.live.run, self._live_report, self._live_done,
                                                self._live_error, self._live_finished)
 
