@@ -116,6 +116,7 @@ def evaluate_variant(net, data) -> dict:
     inter = np.zeros(3)
     sums = np.zeros(3)
     shares = []
+    share_class = []  # the object's class (1: filled marker, 2: hollow) for each share
     module = next(iter(net.attention.values()), None)
     with torch.no_grad():
         for img, lab, (y0, x0, y1, x1), centres in data:
@@ -143,14 +144,41 @@ def evaluate_variant(net, data) -> dict:
                 for cy, cx in centres:
                     row = module.attention_row(f, (cy // STRIDE) * w + cx // STRIDE)[0].numpy()
                     shares.append(float(row[cells].sum()))
+                    share_class.append(cls)
     dice = [2 * inter[c] / max(sums[c], 1) for c in (1, 2)]
     out = {"object_accuracy": correct / max(total, 1), "mean_dice": float(np.mean(dice)), "objects": total}
     if shares:
         out["marker_share_median"] = float(np.median(shares))
         out["marker_share_mean"] = float(np.mean(shares))
         out["rows_mostly_on_marker"] = float(np.mean(np.array(shares) > 0.5))
+        by = np.array(share_class)
+        out["rows_mostly_on_marker_by_class"] = {
+            str(c): float(np.mean(np.array(shares)[by == c] > 0.5)) for c in (1, 2) if (by == c).any()}
     if module is not None:
         out["gamma"] = float(module.gamma.detach().reshape(-1)[0])
+    return out
+
+
+def paired_comparisons(results: list[dict], variants) -> list[dict]:
+    """Object accuracy of variant a minus variant b, seed by seed (the same data and seeds),
+    with a paired t-test (scipy), for every pair that has at least 2 common seeds."""
+    from scipy.stats import ttest_rel
+
+    acc = {(r["variant"], r["seed"]): r["object_accuracy"] for r in results}
+    out = []
+    order = [v for v in ("joint", "self", "pointwise", "none") if v in variants]
+    for i, a in enumerate(order):
+        for b in order[i + 1:]:
+            seeds = sorted(s for (v, s) in acc if v == a and (b, s) in acc)
+            if len(seeds) < 2:
+                continue
+            x = np.array([acc[(a, s)] for s in seeds])
+            y = np.array([acc[(b, s)] for s in seeds])
+            d = x - y
+            p = float(ttest_rel(x, y).pvalue) if np.any(d != d[0]) else None  # no spread: no t-test
+            out.append({"a": a, "b": b, "seeds": seeds, "mean_difference": float(d.mean()),
+                        "won": int((d > 0).sum()), "tied": int((d == 0).sum()), "lost": int((d < 0).sum()),
+                        "p_ttest": p})
     return out
 
 
@@ -186,9 +214,17 @@ def main(argv=None) -> int:
         most = [r["rows_mostly_on_marker"] for r in rs if "rows_mostly_on_marker" in r]
         fmt = lambda a: f"{np.mean(a):.3f} ± {np.std(a):.3f}" if a else "–"  # noqa: E731
         print(f"| {v} | {fmt(acc)} | {fmt(dice)} | {fmt(share)} | {fmt(most)} |")
+    paired = paired_comparisons(results, args.variants)
+    if paired:
+        print("\n| paired (same seeds, same data) | mean accuracy difference | seeds won / tied / lost | "
+              "paired t-test p |")
+        print("| --- | --- | --- | --- |")
+        for row in paired:
+            print(f"| {row['a']} − {row['b']} | {row['mean_difference']:+.3f} | {row['won']} / {row['tied']} / "
+                  f"{row['lost']} | {'–' if row['p_ttest'] is None else format(row['p_ttest'], '.2g')} |")
     if args.json:
         args.json.write_text(json.dumps({"settings": vars(args) | {"json": str(args.json)},
-                                         "results": results}, indent=1))
+                                         "results": results, "paired": paired}, indent=1))
     return 0
 
 
