@@ -54,14 +54,11 @@ def runtimes(model, onnx_path: Path, threads: int, which: list[str]) -> dict:
         exported.upsample = 1
         compiled = torch.compile(exported, dynamic=False)  # windows have one shape per run
         nets["compile"] = _ProbabilityNet(lambda x: compiled(torch.from_numpy(x)).numpy())
-    if "onnxruntime" in which:
-        import onnxruntime as ort
+    if "onnxruntime" in which:  # the network segment() runs with NAPARI_JOINTATTN_CPU_RUNTIME=onnxruntime
+        from napari_jointattn.engine.export import onnx_session
+        from napari_jointattn.engine.runtime import OrtNetwork
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.log_severity_level = 3
-        sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-        nets["onnxruntime"] = _ProbabilityNet(lambda x: sess.run(["output"], {"input": x})[0])
+        nets["onnxruntime"] = OrtNetwork(onnx_session(onnx_path), "benchmark")
     if "openvino" in which:
         try:
             import openvino as ov

@@ -12,7 +12,6 @@ zarr = pytest.importorskip("zarr")
 def _nuclei_mosaic(h=300, w=260):
     import tifffile
 
-    from napari_jointattn.engine.metadata import preset_path  # noqa: F401  (the sample ships with the presets)
     from pathlib import Path
 
     import napari_jointattn
