@@ -37,11 +37,13 @@ Methods:
   ``multiscale_basic_features`` (computed once per image, counted in round 0)
   + a random forest (``fit_segmenter`` / ``predict_segmenter``) refitted on
   all strokes every round.
-* ``ours-uncertain`` / ``ours-random``: ours, but each later round's stroke
-  goes into a ``--window`` window: the most uncertain window not yet annotated
-  (``rank_regions`` on the entropy) or a random one (same annotated-fraction
-  rule); the brush rule applies to the error pixels inside the window (none
-  there: the round paints nothing).
+* ``ours-uncertain`` / ``ours-disagreement`` / ``ours-random``: ours, but
+  each later round's stroke goes into a ``--window`` window: the most
+  uncertain window not yet annotated (``rank_regions`` on the softmax
+  entropy, or on the disagreement between the joint modules' point-wise and
+  self-attention branches, ``LiveTrainer.disagreement``) or a random one
+  (same annotated-fraction rule); the brush rule applies to the error pixels
+  inside the window (none there: the round paints nothing).
 
 Seconds are the method's own compute per round (ours: the training burst
 plus the prediction; rf: fit plus predict), not the annotator's.
@@ -321,8 +323,9 @@ def region_window(method: str, m: Ours, ann: Annotator, rng, window: int) -> dic
 
     h, w = ann.truth.shape
     size = min(window, h, w)
-    if method == "ours-uncertain":
-        regions = rank_regions(entropy(m.probs), ann.annotated, window=size, count=1)
+    if method in ("ours-uncertain", "ours-disagreement"):
+        u = entropy(m.probs) if method == "ours-uncertain" else m.live.disagreement(m.image)
+        regions = rank_regions(u, ann.annotated, window=size, count=1)
         y0, x0 = (regions[0].y0, regions[0].x0) if regions else (0, 0)
     else:  # the same annotated-fraction rule as rank_regions, then uniformly at random
         free = np.argwhere(_box_means(ann.annotated.astype(np.float32), size) <= 0.1)
@@ -334,7 +337,9 @@ def region_window(method: str, m: Ours, ann: Annotator, rng, window: int) -> dic
 
 # ---- reporting -----------------------------------------------------------------------------------
 LABELS = {"ours": "ours (live fine-tuning)", "rf": "random forest (skimage features)",
-          "ours-uncertain": "ours, most uncertain window", "ours-random": "ours, random window"}
+          "ours-uncertain": "ours, most uncertain window (entropy)",
+          "ours-disagreement": "ours, most uncertain window (branch disagreement)",
+          "ours-random": "ours, random window"}
 
 
 def summarise(runs: list[dict], rounds: int) -> list[dict]:
@@ -373,7 +378,8 @@ def figure(runs: list[dict], images: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(r["task"] for r in runs))
-    colours = {"ours": "tab:blue", "rf": "tab:orange", "ours-uncertain": "tab:green", "ours-random": "tab:grey"}
+    colours = {"ours": "tab:blue", "rf": "tab:orange", "ours-uncertain": "tab:green", "ours-disagreement": "tab:purple",
+               "ours-random": "tab:grey"}
     fig, axes = plt.subplots(len(tasks), 3, figsize=(13, 3.6 * len(tasks)), squeeze=False)
     for row, task in zip(axes, tasks):
         image, truth = images[task]

@@ -125,3 +125,30 @@ def test_rank_regions_finds_the_unsure_patch_skips_annotated_ones_and_does_not_o
     assert len(small) == 1 and (small[0].y1, small[0].x1) == (8, 8)
     with pytest.raises(BadInputError):
         rank_regions(u, ann[0], window=20)
+
+
+def test_branch_disagreement_is_zero_where_branches_agree_and_needs_a_joint_model():
+    from napari_jointattn.engine.uncertainty import disagreement
+
+    a = np.array([[[1.0, 0.5]], [[0.0, 0.5]]])
+    b = np.array([[[0.0, 0.5]], [[1.0, 0.5]]])
+    assert np.allclose(disagreement(a, b), [[1.0, 0.0]])
+    assert np.allclose(disagreement(a, a), 0)
+    with pytest.raises(BadInputError, match="shape"):
+        disagreement(a, b[:, :, :1])
+
+    image, _ = _disks()
+    live = LiveTrainer(_tiny(), seed=0)
+    with torch.no_grad():
+        for _, module in live.net.attention_keys():
+            module.gamma.fill_(3.0)  # modules that change the prediction
+    d = live.disagreement(image)
+    assert d.shape == image.shape and d.min() >= 0 and d.max() <= 1 and d.max() > 1e-3
+    # each branch alone is a real, different prediction; both together is a third
+    pw, sa = live.probabilities(image, branch="pointwise"), live.probabilities(image, branch="self")
+    assert np.allclose(d, 0.5 * np.abs(pw - sa).sum(0), atol=1e-6)
+    assert np.allclose(pw.sum(0), 1, atol=1e-5) and not np.allclose(pw, live.probabilities(image))
+    plain = new_model(config=DenseUNetConfig(**{**TINY.to_dict(), "attention": "pointwise"}),
+                      classes=["background", "object"], seed=0)
+    with pytest.raises(BadInputError, match="no joint"):
+        LiveTrainer(plain, seed=0).disagreement(image)

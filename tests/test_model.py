@@ -367,3 +367,37 @@ def test_knocked_out_modules_pass_their_input_through_and_the_effect_map_shows_t
     with pytest.raises(ValueError, match="no attention module"):
         with net.knocked_out(["joint 1/4"]):
             pass
+
+
+@pytest.mark.parametrize("form", ["mix", "gated"])
+def test_one_branch_alone_is_the_branch_formula_and_mix_at_its_limits(form):
+    torch.manual_seed(1)
+    net = DenseUNet(attention="joint", joint_form=form).eval()
+    key, module = net.attention_keys()[0]
+    x = torch.randn(2, module.channels, 12, 10, dtype=torch.float64)
+    module.double()
+    with torch.no_grad():
+        v = module.value(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        gate = module.gate_map(x).flatten(1).unsqueeze(-1)
+        soft = torch.softmax(module.scores(x), dim=-1)
+        with net.branch_only("pointwise"):
+            pw = module.aggregate(x)
+        with net.branch_only("self"):
+            sa = module.aggregate(x)
+        both = module.aggregate(x)
+    assert module.branch is None  # restored
+    assert torch.allclose(pw.flatten(2).transpose(1, 2), gate * v, atol=1e-9)
+    assert torch.allclose(sa.flatten(2).transpose(1, 2), torch.bmm(soft, v), atol=1e-9)
+    assert not torch.allclose(both, pw) and not torch.allclose(both, sa)
+    if form == "mix":  # lam -> 0 is the point-wise branch, lam -> 1 the self-attention one
+        with torch.no_grad():
+            for bias, want in ((-60.0, pw), (60.0, sa)):
+                module.mix.weight.zero_()
+                module.mix.bias.fill_(bias)
+                assert torch.allclose(module.aggregate(x), want, atol=1e-9)
+    with pytest.raises(ValueError, match="branch"):
+        with net.branch_only("both"):
+            pass
+    with pytest.raises(ValueError, match="no joint"):
+        with DenseUNet(attention="pointwise").branch_only("self"):
+            pass

@@ -16,6 +16,7 @@ hands back a model to save (with provenance).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -172,21 +173,36 @@ class LiveTrainer:
             return segment(image, self.model, device=self.device, axis=kwargs.pop("axis", self.axis),
                            channel_axis=kwargs.pop("channel_axis", self.channel_axis), **kwargs)
 
-    def probabilities(self, plane: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+    def probabilities(self, plane: np.ndarray, value_range: tuple[float, float] | None = None,
+                      branch: str | None = None) -> np.ndarray:
         """Class probabilities (classes, H, W) of one 2-D plane (channels last if several).
 
         ``value_range``: the stack's intensity range when the model normalises
-        per volume (``model.normalization.volume_range(stack)``).
+        per volume (``model.normalization.volume_range(stack)``). ``branch``
+        ("pointwise" or "self"): every joint module runs that branch alone
+        (``DenseUNet.branch_only``).
         """
         from .channels import prepare_channels
         from .inference import predict_slice
 
         data = prepare_channels(np.asarray(plane), self.model.in_channels, self.channel_axis)
         x, _ = self.model.normalization.apply(np.moveaxis(data, -1, 0), value_range)
-        with self._net_lock, torch.no_grad():
+        alone = self.net.branch_only(branch) if branch else contextlib.nullcontext()
+        with self._net_lock, torch.no_grad(), alone:
             self.net.eval()
             out = predict_slice(self.model, x, self.device, tile=512)
         return out[: self.model.num_classes].numpy()
+
+    def disagreement(self, plane: np.ndarray, value_range: tuple[float, float] | None = None) -> np.ndarray:
+        """Per pixel, how far apart the predictions of the point-wise and the self-attention
+        branches are (:func:`~.uncertainty.disagreement`, in [0, 1]); a model without joint
+        modules has no two branches (``BadInputError``)."""
+        from .uncertainty import disagreement
+
+        if not any(m.kind == "joint" for _, m in self.net.attention_keys()):
+            raise BadInputError("this model has no joint attention modules, so no two branches to compare")
+        return disagreement(self.probabilities(plane, value_range, branch="pointwise"),
+                            self.probabilities(plane, value_range, branch="self"))
 
     def scores(self) -> dict:
         """Dice on the annotated pixels of the latest snapshot: start model, and live weights.

@@ -1,7 +1,10 @@
 """Where to annotate next: how unsure the model is, pixel by pixel and region by region.
 
 :func:`entropy` turns class probabilities into an uncertainty map in [0, 1]
-(the softmax entropy divided by its maximum, log K). :func:`rank_regions`
+(the softmax entropy divided by its maximum, log K); :func:`disagreement`
+compares two predictions of the same pixels (the joint modules' point-wise
+and self-attention branches run alone: ``LiveTrainer.disagreement``), also in
+[0, 1]. docs/results.md compares the two as guides. :func:`rank_regions`
 ranks square windows of a 2-D map or a stack by their mean uncertainty,
 skipping windows that are already annotated, without overlaps: the first is
 where the *Next* button of the Fine-tune dock goes.
@@ -23,6 +26,17 @@ def entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:
     if k < 2:
         raise BadInputError("uncertainty needs probabilities of at least two classes")
     return (-(p * np.log(p)).sum(axis) / np.log(k)).astype(np.float32)
+
+
+def disagreement(probs_a: np.ndarray, probs_b: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Total variation between two class-probability maps: 0 where they agree, 1 where disjoint."""
+    a = np.asarray(probs_a, np.float32)
+    b = np.asarray(probs_b, np.float32)
+    if a.shape != b.shape:
+        raise BadInputError(f"the two probability maps differ in shape: {a.shape} and {b.shape}")
+    if a.shape[axis] < 2:
+        raise BadInputError("disagreement needs probabilities of at least two classes")
+    return (0.5 * np.abs(a - b).sum(axis)).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -293,14 +293,22 @@ class JointAttention(_GateMixin, _QueryKeyMixin, UnifiedAttention):
         if form == "mix":
             self.mix = nn.Conv2d(channels, 1, 1)
 
+    #: None: both branches, as trained; "pointwise" or "self": that branch alone
+    #: (``DenseUNet.branch_only``: the two branches' disagreement; not saved with the weights)
+    branch: str | None = None
+
     def mix_map(self, x: Tensor) -> Tensor:
         """lam: (B, C, H, W) -> (B, 1, H, W), how global each pixel's context is."""
         return torch.sigmoid(self.mix(x))
 
     def aggregate(self, x: Tensor) -> Tensor:
         h, w = x.shape[2], x.shape[3]
-        q, k = self.query_key(x)
         v = self.value(x)
+        if self.branch == "pointwise":  # y_i = m_i v_i
+            return self.gate_map(x) * v
+        q, k = self.query_key(x)
+        if self.branch == "self":  # y_i = softmax_j(s_ij) v_j
+            return _unflat(fused_attention(q, k, _flat(v), self.scale), h, w)
         m = self.gate_map(x)
         if self.form == "mix":
             lam = self.mix_map(x)

@@ -333,6 +333,24 @@ class DenseUNet(nn.Module):
             for n, state in before.items():
                 modules[n].enabled = state
 
+    @contextlib.contextmanager
+    def branch_only(self, branch: str):
+        """Within the block, every joint module uses one branch alone: ``"pointwise"``
+        (``y_i = m_i v_i``) or ``"self"`` (``y_i = softmax_j(s_ij) v_j``), in both
+        joint forms; the other kinds are unchanged. ``ValueError`` without a joint module."""
+        if branch not in ("pointwise", "self"):
+            raise ValueError(f"branch must be 'pointwise' or 'self', got {branch!r}")
+        joint = [m for _, m in self.attention_keys() if m.kind == "joint"]
+        if not joint:
+            raise ValueError("the network has no joint attention module: it has no two branches")
+        for m in joint:
+            m.branch = branch
+        try:
+            yield
+        finally:
+            for m in joint:
+                m.branch = None
+
     @staticmethod
     def stride(level: int) -> int:
         """Downsampling factor of dense block ``level`` (the stem quarters)."""
