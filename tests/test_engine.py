@@ -809,3 +809,28 @@ def test_query_weight_is_gamma_times_the_mixing_weight_at_the_pixel(blobs):
     assert res.weight == pytest.approx(0.5 * lam, rel=1e-5)
     assert 0 < res.weight < 0.5
     assert np.allclose(res.used, res.heatmap * res.weight)
+
+
+def test_segment_with_attention_says_how_many_labels_depend_on_it(blobs):
+    from napari_jointattn.engine.knockout import describe_share
+
+    image, _ = blobs
+    model = new_model("nuclei", seed=0)
+    assert segment(image, model).attention_changed is None  # only measured with the maps
+    inert = segment(image, model, attention=True)
+    assert inert.attention_changed == 0.0  # gamma 0 at initialisation: attention changes nothing
+    with torch.no_grad():
+        for _, module in model.net.attention_keys():
+            module.gamma.fill_(20.0)
+    seen = []
+    strong = segment(image, model, attention=True, callback=lambda info: seen.append(info["total"]))
+    with model.net.knocked_out():
+        without = segment(image, model).labels
+    # the classes are compared before objects are split (tiny specks are dropped only from the instances)
+    expected = np.mean((strong.labels > 0) != (without > 0))
+    assert strong.attention_changed == pytest.approx(expected, abs=0.005) and strong.attention_changed > 0.01
+    assert all(m.enabled for _, m in model.net.attention_keys())  # the model itself was never knocked out
+    assert seen[-1] == 2  # one window with the modules, one without
+    assert "barely" in describe_share(0.0006) and "depend" in describe_share(0.05)
+    none = new_model("nuclei", config=__import__("napari_jointattn").model.DenseUNetConfig(attention="none"))
+    assert segment(image, none, attention=True).attention_changed is None

@@ -205,7 +205,12 @@ def run_job(job: Job, model, *, device="auto", tile: int = 512, axis: int | None
     written.insert(0, write_labels(job.outputs[0], result.labels, like=img, overwrite=overwrite))
     n = int(result.labels.max()) if result.instances else len(np.unique(result.labels)) - 1
     found = f"{n} objects" if result.instances else f"{n} classes present"
-    return JobResult(job.input, written, found, result.seconds, result.device, list(result.notes), warnings_)
+    notes = list(result.notes)
+    if result.attention_changed is not None:
+        from .knockout import describe_share
+
+        notes.append(describe_share(result.attention_changed))
+    return JobResult(job.input, written, found, result.seconds, result.device, notes, warnings_)
 
 
 def run_zarr_job(job: Job, model, *, device="auto", tile: int = 512, overwrite: bool = False,

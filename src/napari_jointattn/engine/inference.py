@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -83,6 +84,9 @@ class Segmentation:
     attention_keys: dict[str, AttentionKey] = field(default_factory=dict)
     #: what ran the network: "torch", or "onnxruntime" (CPU, no attention maps; see engine.runtime)
     runtime: str = "torch"
+    #: with ``attention=True`` and attention modules: the fraction of pixels whose class
+    #: changes when every module is switched off (``DenseUNet.knocked_out``), on these pixels
+    attention_changed: float | None = None
 
 
 # ------------------------------------------------------------------- tiling
@@ -537,7 +541,11 @@ def segment(
     f = model.normalization.upsample  # the network sees planes enlarged f times
     total = len(planes.todo) * sum(count_windows(((e1 - e0) * f, width * f), tile, overlap)
                                    for _, _, e0, e1 in bands)
-    progress = _Progress(callback, total, place)
+    # with the maps, the same pixels again with every attention module off: how much the labels
+    # depend on attention here (a knocked-out copy: other threads may be using the network)
+    off = _knocked_out_copy(place.net) if out.map_keys and model.net.attention_keys() else None
+    progress = _Progress(callback, total * (2 if off is not None else 1), place)
+    changed = seen = 0
     nonfinite_pixels = 0
     k = model.num_classes
     progress.report("starting")
@@ -553,8 +561,25 @@ def segment(
             xb = x if len(bands) == 1 else np.ascontiguousarray(x[:, e0:e1])
             pred = predict_band(model, xb, place, tile, overlap, batch_size, bool(out.map_keys),
                                 progress.on_window, notes)
-            del xb
             cls = band_classes(model, pred[:k].numpy(), None if bad is None else bad[e0:e1])
+            if off is not None:
+                try:
+                    without = predict_slice(model, xb, place.device, tile, overlap, batch_size, False,
+                                            progress.on_window, net=off)
+                except Cancelled:
+                    raise
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    off, seen = None, 0  # the maps and labels matter more than this figure
+                    free_cache(place.device)
+                    notes.append("out of memory: the labels without attention were not compared")
+                else:
+                    changed += int(np.count_nonzero(
+                        band_classes(model, without[:k].numpy(), None if bad is None else bad[e0:e1]) != cls))
+                    seen += cls.size
+                    del without
+            del xb
             if model.instances:
                 out.put_instances(s, band, band_instances(model, cls), whole=len(bands) == 1)
             else:
@@ -566,4 +591,14 @@ def segment(
         notes.append(f"{nonfinite_pixels} NaN/infinite pixels were labelled background")
     result = out.result(place.device, notes, start)
     result.runtime = "onnxruntime" if fast is not None else "torch"
+    if off is not None and seen:
+        result.attention_changed = changed / seen
     return result
+
+
+def _knocked_out_copy(net: nn.Module) -> nn.Module:
+    """A copy of ``net`` (same device, eval mode) whose attention modules pass their input through."""
+    twin = copy.deepcopy(net).eval()
+    for _, module in twin.attention_keys():
+        module.enabled = False
+    return twin

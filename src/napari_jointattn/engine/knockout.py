@@ -81,3 +81,16 @@ def knockout_on_samples(model: Model, samples: Iterable, device: torch.device, s
 
     base, truth = run()
     return knockout_from(lambda: run()[0], model, truth, base=base)
+
+
+def describe_share(changed: float | None) -> str:
+    """One line for a user: how much the labels of the pixels just segmented depend on attention."""
+    if changed is None:
+        return ""
+    pct = 100 * changed
+    amount = f"{pct:.2g} %" if pct >= 0.01 or pct == 0 else "under 0.01 %"
+    if pct < 1:
+        gist = "the labels barely use attention; its maps show where the modules look, not what decides"
+    else:
+        gist = "the labels depend on attention there"
+    return f"attention off would change {amount} of these labels ({gist})"

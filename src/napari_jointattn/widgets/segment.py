@@ -354,7 +354,12 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
             return
         n = int(result.labels.max()) if result.instances else int(np.unique(result.labels).size - 1)
         what = "objects" if result.instances else "classes"
-        self.status.setText(f"{request.layer_name}: {n} {what} in {result.seconds:.1f} s on {result.device}")
+        text = f"{request.layer_name}: {n} {what} in {result.seconds:.1f} s on {result.device}"
+        if getattr(result, "attention_changed", None) is not None:
+            from ..engine.knockout import describe_share
+
+            text += f". {describe_share(result.attention_changed).capitalize()}."
+        self.status.setText(text)
         from napari.utils.notifications import show_warning
 
         for note in result.notes:
