@@ -61,6 +61,19 @@ SEEDS = (0, 1, 2)
 
 # the recipe every model gets (per task: the presets' augmentation settings)
 RECIPE = {"epochs": 20, "steps_per_epoch": 50, "batch_size": 8, "crop": 128, "lr": 3e-3}
+# "fair": a chance for attention (docs/model.md): 256² crops (the same pixels a step as 8 of 128²),
+# so 1/8, 1/16 and 1/32 hold 32², 16² and 8² positions, more than the convolutions see; a third of
+# the learning rate (3e-3 collapsed some runs after epoch 1) and a moving average of the weights
+# (what validation scores and the run keeps); gamma and the mixing weights are never decayed
+# (the engine's rule). Four variants, five seeds each, paired: a seed fixes the crops, the
+# augmentation and the network's shared layers alike for every variant.
+RECIPES = {
+    "v1": RECIPE,
+    "fair": {"epochs": 20, "steps_per_epoch": 50, "batch_size": 2, "crop": 256, "lr": 1e-3, "ema": 0.99},
+}
+FAIR_MODELS = ("none", "joint-mix", "pointwise", "self")
+FAIR_SEEDS = (0, 1, 2, 3, 4)
+RESULTS_FAIR = ROOT / "benchmarks" / "results" / "ablation_fair"
 TASK_SETTINGS = {
     "nuclei": {"scale_range": (0.6, 1.6), "bias_field": 0.7, "val_fraction": 0.2},
     "brain": {"scale_range": (0.5, 1.6), "bias_field": 0.25, "val_fraction": 0.2},
@@ -131,6 +144,7 @@ def one_run(model_name: str, task: str, seed: int, device: str = "auto", recipe:
     from napari_jointattn.engine.training import train
 
     recipe = {**RECIPE, **(recipe or {})}
+    recipe.setdefault("ema", 0.0)
     data = task_data(task)
     k = len(data["classes"])
     model = build_model(model_name, k, seed, data["classes"])
@@ -154,7 +168,13 @@ def one_run(model_name: str, task: str, seed: int, device: str = "auto", recipe:
     scores = overlap_scores(conf)
     # a class never predicted has no precision: count it as 0 (its Dice is 0 too)
     fg = {m: float(np.mean(np.nan_to_num(v[1:], nan=0.0))) for m, v in scores.items()}
+    extra = {}
+    if model_name in VARIANTS and model_name != "none":  # what the modules change on the evaluation pixels
+        extra = {"knockout_eval": eval_knockout(result.model, data, device),
+                 "knockout_val": result.model.provenance["training"].get("knockout"),
+                 "gamma": {key.name: round(float(m.gamma.detach()), 5) for key, m in result.model.net.attention_keys()}}
     return {
+        **extra,
         "model": model_name, "task": task, "seed": seed, "params": params,
         "dice": fg["dice"], "iou": fg["iou"], "precision": fg["precision"], "recall": fg["recall"],
         "per_class": {m: [round(x, 6) for x in v] for m, v in scores.items()},
@@ -163,6 +183,28 @@ def one_run(model_name: str, task: str, seed: int, device: str = "auto", recipe:
         "recipe": {**recipe, **{k_: list(v) if isinstance(v, tuple) else v for k_, v in TASK_SETTINGS[task].items()}},
         "torch": torch.__version__, "date": datetime.date.today().isoformat(),
     }
+
+
+def eval_knockout(model, data: dict, device: str) -> dict:
+    """Every module, then all at once, knocked out on the evaluation pixels (engine.knockout)."""
+    from napari_jointattn.engine.inference import segment
+    from napari_jointattn.engine.knockout import knockout_from
+
+    image, truth, slab = data["eval"][0]
+    if slab is None:
+        def predict():
+            return segment(image, model, device=device).labels.astype(np.int64)
+    else:
+        truth = truth[:, :, slab]
+
+        def predict():
+            return segment(image, model, axis=2, slices=list(slab), device=device).labels[:, :, slab].astype(np.int64)
+    if model.num_classes == 2:
+        truth = (truth > 0).astype(np.int64)
+
+        def predict(inner=predict):
+            return (inner() > 0).astype(np.int64)  # instances -> the nucleus class
+    return knockout_from(predict, model, truth)
 
 
 def result_path(model: str, task: str, seed: int, results: Path = RESULTS) -> Path:
@@ -177,10 +219,19 @@ def grid() -> list[tuple[str, str, int]]:
     return order
 
 
+def fair_grid() -> list[tuple[str, str, int]]:
+    """The fair recipe's runs: none and joint-mix over every seed first (is attention load-bearing?),
+    then the single mechanisms."""
+    order = [(m, t, s) for s in FAIR_SEEDS for t in TASKS for m in FAIR_MODELS[:2]]
+    order += [(m, t, s) for s in FAIR_SEEDS for t in TASKS for m in FAIR_MODELS[2:]]
+    return order
+
+
 def run_grid(workers: int, device: str, deadline: float | None, results: Path, threads: int,
-             only: set[str] | None = None, extra: list[str] | None = None) -> None:
+             only: set[str] | None = None, extra: list[str] | None = None, recipe: str = "v1") -> None:
     results.mkdir(parents=True, exist_ok=True)
-    todo = [r for r in grid() if not result_path(*r, results).exists() and (only is None or r[0] in only)]
+    plan = fair_grid() if recipe == "fair" else grid()
+    todo = [r for r in plan if not result_path(*r, results).exists() and (only is None or r[0] in only)]
     print(f"{len(todo)} runs to do", flush=True)
     start = time.monotonic()
     running: list[tuple[subprocess.Popen, tuple]] = []
@@ -194,7 +245,7 @@ def run_grid(workers: int, device: str, deadline: float | None, results: Path, t
         while todo and len(running) < workers and not late:
             spec = todo.pop(0)
             cmd = [sys.executable, __file__, "one", *map(str, spec), "--device", device,
-                   "--results", str(results), "--threads", str(threads), *(extra or [])]
+                   "--results", str(results), "--threads", str(threads), "--recipe", recipe, *(extra or [])]
             running.append((subprocess.Popen(cmd, env=env), spec))
         if late and not running:
             print(f"deadline reached: {len(todo)} runs left for another sitting", flush=True)
@@ -300,6 +351,63 @@ def verdict(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def paired(rows: list[dict], task: str, a: str, b: str, metric: str = "dice") -> dict | None:
+    """``a`` minus ``b`` over the seeds both have: mean, sd, wins, a paired t-test (two-sided)."""
+    from scipy import stats
+
+    by = {(r["model"], r["seed"]): r[metric] for r in rows if r["task"] == task}
+    seeds = sorted(s for (m, s) in by if m == a and (b, s) in by)
+    if len(seeds) < 2:
+        return None
+    d = np.array([by[(a, s)] - by[(b, s)] for s in seeds])
+    p = float(stats.ttest_rel([by[(a, s)] for s in seeds], [by[(b, s)] for s in seeds]).pvalue) \
+        if np.any(d != d[0]) else float("nan")
+    return {"n": len(seeds), "mean": float(d.mean()), "sd": float(d.std(ddof=1)), "wins": int((d > 0).sum()), "p": p}
+
+
+def fair_report(rows: list[dict]) -> str:
+    """Per task: each variant's scores and knock-out effect on the evaluation pixels; paired differences."""
+    lines = []
+    for task in TASKS:
+        runs = [r for r in rows if r["task"] == task]
+        if not runs:
+            continue
+        lines += [f"### {task} (fair recipe)", "",
+                  "| model | seeds | Dice | precision | recall | all modules knocked out: Dice change | "
+                  "pixels that change | best epoch | train time (s) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for model in FAIR_MODELS:
+            rs = sorted((r for r in runs if r["model"] == model), key=lambda r: r["seed"])
+            if not rs:
+                lines.append(f"| {model} | none yet | | | | | | | |")
+                continue
+
+            def col(values, digits=3):
+                v = np.array(values, float)
+                return f"{v.mean():.{digits}f}" + (f" ± {v.std(ddof=1):.{digits}f}" if len(v) > 1 else "")
+
+            ko = [r["knockout_eval"]["modules"]["all"] for r in rs if r.get("knockout_eval")]
+            ko_dice = col([k["dice_change"] for k in ko], 4) if ko else "—"
+            ko_px = (col([100 * k["changed_fraction"] for k in ko], 2) + " %") if ko else "—"
+            lines.append(f"| {model} | {', '.join(str(r['seed']) for r in rs)} | {col([r['dice'] for r in rs])} | "
+                         f"{col([r['precision'] for r in rs])} | {col([r['recall'] for r in rs])} | {ko_dice} | "
+                         f"{ko_px} | {', '.join(str(r['best_epoch']) for r in rs)} | "
+                         f"{col([r['train_seconds'] for r in rs], 0)} |")
+        lines += ["", f"Paired differences ({task}; Dice of the first minus the second, same seeds):", "",
+                  "| comparison | seeds | mean difference ± sd | first ahead in | paired t-test p |",
+                  "| --- | --- | --- | --- | --- |"]
+        for a, b in (("joint-mix", "none"), ("joint-mix", "pointwise"), ("joint-mix", "self"),
+                     ("pointwise", "none"), ("self", "none")):
+            d = paired(runs, task, a, b)
+            if d is None:
+                lines.append(f"| {a} − {b} | fewer than 2 pairs yet | | | |")
+                continue
+            lines.append(f"| {a} − {b} | {d['n']} | {d['mean']:+.4f} ± {d['sd']:.4f} | {d['wins']} of {d['n']} | "
+                         f"{d['p']:.3g} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def figure(out: Path, query: tuple[int, int] = (120, 150)) -> Path:
     """Point-wise map, self-attention row of one pixel and joint mixing map, per module.
 
@@ -350,18 +458,24 @@ def main(argv=None) -> int:
     r.add_argument("--deadline", type=float, default=None, help="start no new run after this many seconds")
     r.add_argument("--threads", type=int, default=2)
     r.add_argument("--models", nargs="+", choices=MODELS, default=None)
-    r.add_argument("--results", type=Path, default=RESULTS)
+    r.add_argument("--results", type=Path, default=None)
     o = sub.add_parser("one")
     o.add_argument("model", choices=MODELS)
     o.add_argument("task", choices=TASKS)
     o.add_argument("seed", type=int)
     o.add_argument("--device", default="auto")
     o.add_argument("--threads", type=int, default=2)
-    o.add_argument("--results", type=Path, default=RESULTS)
+    o.add_argument("--results", type=Path, default=None)
     for q in (r, o):
+        q.add_argument("--recipe", choices=list(RECIPES), default="v1",
+                       help="v1: the first ablation's recipe; fair: 256² crops, lr 1e-3, weight average, "
+                            "4 variants x 5 seeds (results in benchmarks/results/ablation_fair)")
         q.add_argument("--epochs", type=int, help=f"override the recipe's {RECIPE['epochs']} epochs (smoke runs)")
         q.add_argument("--steps", type=int, help=f"override the recipe's {RECIPE['steps_per_epoch']} steps per epoch")
         q.add_argument("--crop", type=int, help=f"override the recipe's {RECIPE['crop']}-pixel crops")
+    fr = sub.add_parser("report-fair", help="the fair recipe's paired comparisons (docs/ablation.md)")
+    fr.add_argument("--results", type=Path, default=RESULTS_FAIR)
+    fr.add_argument("--doc", type=Path, default=ROOT / "docs" / "ablation.md")
     rep = sub.add_parser("report")
     rep.add_argument("--results", type=Path, default=RESULTS)
     rep.add_argument("--doc", type=Path, default=ROOT / "docs" / "ablation.md")
@@ -373,17 +487,20 @@ def main(argv=None) -> int:
     overrides = {key: getattr(args, name) for key, name in
                  (("epochs", "epochs"), ("steps_per_epoch", "steps"), ("crop", "crop"))
                  if getattr(args, name, None) is not None}
+    if args.cmd in ("run", "one") and args.results is None:
+        args.results = RESULTS_FAIR if args.recipe == "fair" else RESULTS
     if args.cmd == "run":
         extra = [f"--{name}={getattr(args, name)}" for name in ("epochs", "steps", "crop")
                  if getattr(args, name) is not None]
         run_grid(args.workers, args.device, args.deadline, args.results, args.threads,
-                 set(args.models) if args.models else None, extra)
+                 set(args.models) if args.models else None, extra, recipe=args.recipe)
         return 0
     if args.cmd == "one":
         from napari_jointattn.engine.files import write_bytes_atomic
 
         torch.set_num_threads(args.threads)
-        record = one_run(args.model, args.task, args.seed, args.device, overrides)
+        record = one_run(args.model, args.task, args.seed, args.device, {**RECIPES[args.recipe], **overrides})
+        record["recipe_name"] = args.recipe
         args.results.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(result_path(args.model, args.task, args.seed, args.results),
                            json.dumps(record, indent=1).encode())
@@ -393,6 +510,11 @@ def main(argv=None) -> int:
 
     from napari_jointattn.engine.files import write_bytes_atomic
 
+    if args.cmd == "report-fair":
+        text = fair_report(load_results(args.results))
+        print(text)
+        update_section(args.doc, "ablation fair tables", text)
+        return 0
     summary = summarise(load_results(args.results))
     fwd_file = args.results.parent / "ablation_forward_cpu.json"
     if args.reuse_forward and fwd_file.exists():
