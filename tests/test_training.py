@@ -182,9 +182,10 @@ def test_cli_train(tmp_path, blobs, capsys):
     assert code == 2 and "safetensors" in capsys.readouterr().err
 
 
-def test_checkpoint_resume_equals_uninterrupted_run(blobs, tmp_path):
+@pytest.mark.parametrize("ema", [0.0, 0.9], ids=["raw weights", "weight average"])
+def test_checkpoint_resume_equals_uninterrupted_run(blobs, tmp_path, ema):
     image, labels = blobs
-    settings = dict(epochs=4, steps_per_epoch=2, batch_size=2, crop=64, device="cpu", seed=2, patience=10)
+    settings = dict(epochs=4, steps_per_epoch=2, batch_size=2, crop=64, device="cpu", seed=2, patience=10, ema=ema)
     straight_run = train(new_model("nuclei", seed=0), [image], [labels], **settings)
     straight = straight_run.model
     straight_history = [{k: v for k, v in h.items() if k != "seconds"} for h in straight_run.history]
@@ -212,3 +213,42 @@ def test_checkpoint_resume_equals_uninterrupted_run(blobs, tmp_path):
               callback=crash_after_epoch_2, **settings)
     with pytest.raises(BadInputError, match="other data or settings"):
         train(new_model("nuclei", seed=0), [image], [labels], checkpoint=ck, **{**settings, "lr": 1e-4})
+
+
+def test_the_weight_average_is_what_validation_scores_and_training_keeps(blobs):
+    from napari_jointattn.engine.training.ema import WeightAverage
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.GroupNorm(1, 2))
+    start = {k: v.clone() for k, v in net.state_dict().items()}
+    avg = WeightAverage(net, 0.9)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    avg.update(step=100)  # past the warm-up: decay 0.9
+    raw = {k: v.clone() for k, v in net.state_dict().items()}
+    with avg.applied():
+        for k, v in net.state_dict().items():
+            assert torch.allclose(v, start[k] + 0.1), k  # 0.9 * start + 0.1 * (start + 1)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, raw[k]), k  # the raw weights are back
+    avg.update(step=0)  # the warm-up follows the first steps closely: decay 1/10
+    with avg.applied():
+        w = net[0].weight.clone()
+    assert torch.allclose(w, 0.1 * (start["0.weight"] + 0.1) + 0.9 * (start["0.weight"] + 1))
+    off = WeightAverage(net, 0.0)
+    off.update(step=5)
+    with off.applied():
+        assert torch.equal(net[0].weight, raw["0.weight"])  # off: the raw weights are scored
+    assert off.tensors() == {}
+
+    image, labels = blobs
+    settings = dict(epochs=2, steps_per_epoch=3, batch_size=2, crop=64, device="cpu", seed=1, patience=10)
+    plain = train(new_model("nuclei", seed=0), [image], [labels], **settings)
+    averaged = train(new_model("nuclei", seed=0), [image], [labels], ema=0.5, **settings)
+    assert averaged.improved and averaged.best_step > 0
+    # the same steps (the average does not touch the optimiser), other weights scored and kept
+    assert [h["step"] for h in averaged.history] == [h["step"] for h in plain.history]
+    assert averaged.history[1]["val_dice"] != plain.history[1]["val_dice"]
+    assert averaged.model.provenance["settings"]["ema"] == 0.5
+    with pytest.raises(BadInputError, match="ema"):
+        train(new_model("nuclei", seed=0), [image], [labels], ema=1.0, **settings)

@@ -13,8 +13,13 @@ def _jsonable(d: dict) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
 
-def _save_checkpoint(path, net, opt, best_state, rng, gen, fingerprint: str, state: dict) -> None:
-    """Weights, best weights, optimiser and RNG states, counters: one safetensors file."""
+def _save_checkpoint(path, net, opt, best_state, rng, gen, fingerprint: str, state: dict,
+                     extra: dict | None = None) -> None:
+    """Weights, best weights, optimiser and RNG states, counters: one safetensors file.
+
+    ``extra``: more named tensors (the weight average), handed back by
+    :func:`_load_checkpoint` as ``meta["extra"]``.
+    """
     from safetensors.torch import save
 
     from ..files import write_bytes_atomic
@@ -24,6 +29,7 @@ def _save_checkpoint(path, net, opt, best_state, rng, gen, fingerprint: str, sta
     for idx, slots in opt.state_dict()["state"].items():
         for name, value in slots.items():
             tensors[f"opt.{idx}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in (extra or {}).items()})
     tensors["rng.torch"] = gen.get_state()
     meta = {"fingerprint": fingerprint, "numpy_rng": rng.bit_generator.state, **state}
     write_bytes_atomic(path, save(tensors, metadata={"checkpoint": json.dumps(meta)}))
@@ -52,4 +58,5 @@ def _load_checkpoint(path, net, opt, best_state, rng, gen, fingerprint: str) -> 
     opt.load_state_dict(opt_state)
     gen.set_state(tensors["rng.torch"])
     rng.bit_generator.state = meta["numpy_rng"]
+    meta["extra"] = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
     return meta

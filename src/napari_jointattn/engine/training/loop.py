@@ -21,6 +21,7 @@ from .augment import CropBatches, CropCentres
 from .checkpoint import _jsonable, _load_checkpoint, _save_checkpoint
 from .data import build_samples
 from .distributed import Parallel, training_device
+from .ema import WeightAverage
 from .loss import masked_loss
 from .schedule import _set_lr, optimizer
 from .settings import TrainResult, TrainSettings
@@ -133,6 +134,7 @@ def train(
         result.history = state["history"]
         first_epoch = state["epoch"] + 1
         t0 -= state["elapsed"]
+    ema = WeightAverage(net, settings.ema, state["extra"] if state else None)
     ddp = par.wrap(net)  # the network the steps run through (``net`` itself with one process)
 
     def tell(info: dict) -> None:
@@ -143,14 +145,15 @@ def train(
 
     def validate(epoch: int, step: int, losses: list[float], report: bool = True) -> dict:
         nonlocal best, best_state, improved_epoch
-        val = par.from_main(lambda: validation_dice(model, samples, device))
+        with ema.applied():  # the averaged weights are the ones scored and kept
+            val = par.from_main(lambda: validation_dice(model, samples, device))
+            if _better(val, best):
+                best = val
+                best_state = copy.deepcopy(net.state_dict())
+                result.best_epoch, result.best_step, improved_epoch = epoch, step_no, epoch
         record = {"epoch": epoch, "step": step_no, "loss": float(np.mean(losses)) if losses else None,
                   "val_dice": val, "seconds": time.perf_counter() - t0}
         result.history.append(record)
-        if _better(val, best):
-            best = val
-            best_state = copy.deepcopy(net.state_dict())
-            result.best_epoch, result.best_step, improved_epoch = epoch, step_no, epoch
         if report:
             tell({"epoch": epoch, "step": step, "loss": record["loss"], "val_dice": val, "best_dice": best,
                   "seconds": record["seconds"]})
@@ -176,6 +179,7 @@ def train(
             loss.backward()
             opt.step()
             step_no += 1
+            ema.update(step_no)
             losses.append(float(loss.detach()))
             since_val.append(losses[-1])
             elapsed = time.perf_counter() - t0
@@ -198,7 +202,8 @@ def train(
             _save_checkpoint(checkpoint, net, opt, best_state, rng, gen, fingerprint, {
                 "epoch": epoch, "best": best, "best_epoch": result.best_epoch, "best_step": result.best_step,
                 "improved_epoch": improved_epoch, "step_no": step_no, "history": result.history,
-                "elapsed": time.perf_counter() - t0})
+
+                "elapsed": time.perf_counter() - t0}, extra=ema.tensors())
         tell({"epoch": epoch, "step": settings.steps_per_epoch, "loss": record["loss"],
               "val_dice": record["val_dice"], "best_dice": best, "seconds": record["seconds"],
               "epoch_end": True})

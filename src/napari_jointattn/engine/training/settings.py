@@ -43,6 +43,9 @@ class TrainSettings:
     #: thinner than ``THIN_PIXELS``, else the start model's), or 1 to 4; kept in
     #: the model (``normalization.upsample``) so segmenting does the same
     upsample: str | int = "auto"
+    #: validate (and keep) an exponential moving average of the weights with
+    #: this decay per step (0: the raw weights); see docs/training.md
+    ema: float = 0.0
 
     def validate(self) -> None:
         """Every setting's type and range, before any data is read (``BadInputError``)."""
@@ -82,6 +85,9 @@ class TrainSettings:
             raise BadInputError(f"val_every must be a non-negative integer, got {self.val_every!r}")
         if self.upsample != "auto" and (isinstance(self.upsample, bool) or self.upsample not in (1, 2, 3, 4)):
             raise BadInputError(f"upsample must be 'auto' or an integer in [1, 4], got {self.upsample!r}")
+        finite_number(self.ema, "ema", 0, 1)
+        if self.ema >= 1:
+            raise BadInputError(f"ema must be in [0, 1), got {self.ema!r}")
         if self.head not in ("auto", "keep", "reset"):
             raise BadInputError(f"head must be 'auto', 'keep' or 'reset', got {self.head!r}")
 
