@@ -109,7 +109,9 @@ class PeerNet(nn.Module):
         return self.net(x)[..., :h, :w]
 
 
-def build_model(name: str, num_classes: int, seed: int, classes: list[str]):
+def build_model(name: str, num_classes: int, seed: int, classes: list[str], paired: bool = False):
+    """``paired``: every layer a variant shares with ``none`` starts from the same weights as
+    ``none`` with this seed (the attention modules draw their own), so variants differ only by them."""
     from napari_jointattn.engine.models import Model
     from napari_jointattn.model import DenseUNet
 
@@ -117,6 +119,12 @@ def build_model(name: str, num_classes: int, seed: int, classes: list[str]):
     if name in VARIANTS:
         attention, form = VARIANTS[name]
         net = DenseUNet(num_classes=num_classes, attention=attention, joint_form=form)
+        if paired and attention != "none":
+            torch.manual_seed(seed)
+            base = DenseUNet(num_classes=num_classes, attention="none").state_dict()
+            missing = net.load_state_dict(base, strict=False)
+            assert not missing.unexpected_keys, missing.unexpected_keys
+            assert all(k.startswith("attention.") for k in missing.missing_keys), missing.missing_keys
     else:
         net = PeerNet(name, num_classes)
     return Model(net=net.eval(), name=name, classes=classes)
@@ -138,7 +146,8 @@ def task_data(task: str) -> dict:
             "per": "volume", "eval": [(vol, lab, slab)]}
 
 
-def one_run(model_name: str, task: str, seed: int, device: str = "auto", recipe: dict | None = None) -> dict:
+def one_run(model_name: str, task: str, seed: int, device: str = "auto", recipe: dict | None = None,
+            paired: bool = False) -> dict:
     from napari_jointattn.engine.inference import segment
     from napari_jointattn.engine.metrics import confusion, overlap_scores
     from napari_jointattn.engine.training import train
@@ -147,7 +156,7 @@ def one_run(model_name: str, task: str, seed: int, device: str = "auto", recipe:
     recipe.setdefault("ema", 0.0)
     data = task_data(task)
     k = len(data["classes"])
-    model = build_model(model_name, k, seed, data["classes"])
+    model = build_model(model_name, k, seed, data["classes"], paired=paired)
     model.normalization = {"percentiles": list(data["percentiles"]), "per": data["per"]}
     params = sum(p.numel() for p in model.net.parameters())
     t0 = time.perf_counter()
@@ -499,8 +508,10 @@ def main(argv=None) -> int:
         from napari_jointattn.engine.files import write_bytes_atomic
 
         torch.set_num_threads(args.threads)
-        record = one_run(args.model, args.task, args.seed, args.device, {**RECIPES[args.recipe], **overrides})
+        record = one_run(args.model, args.task, args.seed, args.device, {**RECIPES[args.recipe], **overrides},
+                         paired=args.recipe == "fair")
         record["recipe_name"] = args.recipe
+        record["paired_init"] = args.recipe == "fair"
         args.results.mkdir(parents=True, exist_ok=True)
         write_bytes_atomic(result_path(args.model, args.task, args.seed, args.results),
                            json.dumps(record, indent=1).encode())
