@@ -202,7 +202,6 @@ def train(
             _save_checkpoint(checkpoint, net, opt, best_state, rng, gen, fingerprint, {
                 "epoch": epoch, "best": best, "best_epoch": result.best_epoch, "best_step": result.best_step,
                 "improved_epoch": improved_epoch, "step_no": step_no, "history": result.history,
-
                 "elapsed": time.perf_counter() - t0}, extra=ema.tensors())
         tell({"epoch": epoch, "step": settings.steps_per_epoch, "loss": record["loss"],
               "val_dice": record["val_dice"], "best_dice": best, "seconds": record["seconds"],
