@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_jointattn.engine.errors import BadInputError
 from napari_jointattn.engine.models import new_model
 from napari_jointattn.engine.training import TrainSettings, masked_loss, train
 from napari_jointattn.engine.training.augment import CropBatches, CropCentres
@@ -128,6 +129,28 @@ def test_augmentation_keeps_image_labels_mask_and_weights_in_sync():
             assert len(torch.unique(steps)) == 1 and int(steps[0]) in (1, w)
             turned.append(int(steps[0]) == w)
     assert any(turned) and not all(turned)  # both turned and unturned crops were drawn
+
+
+def test_elastic_deformation_bends_image_labels_and_mask_alike():
+    """A smooth deformation moves image, labels and mask together (the image bilinear, the rest nearest)."""
+    h, w = 64, 64
+    yy, xx = np.mgrid[:h, :w]
+    target = (((yy // 8) + (xx // 8)) % 2).astype(np.int64)  # a checkerboard of 8-px squares
+    mask = np.ones((h, w), bool)
+    sample = Sample(image=(10.0 * target)[None].astype(np.float32), target=target, train_mask=mask,
+                    val_mask=np.zeros((h, w), bool), weight=None, source=0, index=0)
+    flat = TrainSettings(batch_size=6, crop=48, scale_range=(1.0, 1.0))
+    bent = TrainSettings(batch_size=6, crop=48, scale_range=(1.0, 1.0), elastic=1.0)
+    a = CropBatches([sample], flat, intensity=False)(np.random.default_rng(4))
+    b = CropBatches([sample], bent, intensity=False)(np.random.default_rng(4))
+    assert not torch.equal(a[1], b[1])  # the squares were bent
+    x, t, m, _ = b
+    inside = m  # zero-padded outside the plane: no loss there
+    agree = (torch.round(x[:, 0] / 10).long() == t)[inside].float().mean()
+    assert agree > 0.9  # image and labels moved together (they differ only along blurred edges)
+    assert set(torch.unique(t).tolist()) <= {0, 1}  # labels stay labels
+    with pytest.raises(BadInputError, match="elastic"):
+        TrainSettings(elastic=1.5).validate()
 
 
 def test_intensity_augmentation_changes_the_image_alone_and_the_seed_repeats_a_batch():

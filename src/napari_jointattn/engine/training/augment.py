@@ -96,6 +96,11 @@ class CropBatches:
         if settings.augment:
             steps += [mt.RandRotate90d(self.KEYS, prob=0.75, max_k=3),  # k = 0, 1, 2, 3 alike
                       mt.RandFlipd(self.KEYS, prob=0.5, spatial_axis=1)]
+            if settings.elastic > 0:  # shapes that vary as a structure does from slice to slice
+                steps.append(mt.Rand2DElasticd(
+                    self.KEYS, spacing=(32, 32), magnitude_range=(2, 4), prob=settings.elastic,
+                    mode=("bilinear", "nearest", "nearest", "nearest"),
+                    padding_mode=("border", "zeros", "zeros", "zeros")))
             if intensity:
                 steps += _intensity(settings.bias_field)
         self.transform = mt.Compose(steps)

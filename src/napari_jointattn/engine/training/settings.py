@@ -46,6 +46,9 @@ class TrainSettings:
     #: validate (and keep) an exponential moving average of the weights with
     #: this decay per step (0: the raw weights); see docs/training.md
     ema: float = 0.0
+    #: probability of a smooth random deformation of each crop (MONAI ``Rand2DElasticd``:
+    #: control points 32 px apart, displacements of about 2-7 px); 0: none
+    elastic: float = 0.0
 
     def validate(self) -> None:
         """Every setting's type and range, before any data is read (``BadInputError``)."""
@@ -86,6 +89,7 @@ class TrainSettings:
         if self.upsample != "auto" and (isinstance(self.upsample, bool) or self.upsample not in (1, 2, 3, 4)):
             raise BadInputError(f"upsample must be 'auto' or an integer in [1, 4], got {self.upsample!r}")
         finite_number(self.ema, "ema", 0, 1)
+        finite_number(self.elastic, "elastic", 0, 1)
         if self.ema >= 1:
             raise BadInputError(f"ema must be in [0, 1), got {self.ema!r}")
         if self.head not in ("auto", "keep", "reset"):
