@@ -383,12 +383,12 @@ def fair_report(rows: list[dict]) -> str:
             continue
         lines += [f"### {task} (fair recipe)", "",
                   "| model | seeds | Dice | precision | recall | all modules knocked out: Dice change | "
-                  "pixels that change | best epoch | train time (s) |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "pixels that change | best epoch |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for model in FAIR_MODELS:
             rs = sorted((r for r in runs if r["model"] == model), key=lambda r: r["seed"])
             if not rs:
-                lines.append(f"| {model} | none yet | | | | | | | |")
+                lines.append(f"| {model} | none yet | | | | | | |")
                 continue
 
             def col(values, digits=3):
@@ -400,8 +400,7 @@ def fair_report(rows: list[dict]) -> str:
             ko_px = (col([100 * k["changed_fraction"] for k in ko], 2) + " %") if ko else "—"
             lines.append(f"| {model} | {', '.join(str(r['seed']) for r in rs)} | {col([r['dice'] for r in rs])} | "
                          f"{col([r['precision'] for r in rs])} | {col([r['recall'] for r in rs])} | {ko_dice} | "
-                         f"{ko_px} | {', '.join(str(r['best_epoch']) for r in rs)} | "
-                         f"{col([r['train_seconds'] for r in rs], 0)} |")
+                         f"{ko_px} | {', '.join(str(r['best_epoch']) for r in rs)} |")
         lines += ["", f"Paired differences ({task}; Dice of the first minus the second, same seeds):", "",
                   "| comparison | seeds | mean difference ± sd | first ahead in | paired t-test p |",
                   "| --- | --- | --- | --- | --- |"]
