@@ -405,3 +405,39 @@ def test_next_moves_to_another_slice_of_a_stack(qtbot, live_dock):
                     or viewer.layers["stack uncertainty"].data[viewer.dims.current_step[0]].any(), timeout=20_000)
     ft.live_button.click()
     qtbot.waitUntil(lambda: ft.live_worker is None, timeout=30_000)
+
+
+def test_next_ranks_by_branch_disagreement_or_entropy(viewer, tiny_file, model_dir):
+    import torch
+
+    from napari_jointattn.controllers.live import DISAGREEMENT, ENTROPY
+    from napari_jointattn.engine.uncertainty import entropy, rank_regions
+
+    image, _ = _disks(96, 96)
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(np.zeros(image.shape, np.int32), name="cells labels")
+    ctl = _live(viewer, tiny_file)
+    with pytest.raises(BadInputError, match="Next ranks"):
+        ctl.start("cells", "cells labels", guide="coin toss", **FAST)
+    for guide in (DISAGREEMENT, ENTROPY):
+        ctl.start("cells", "cells labels", guide=guide, **FAST)
+        ctl.prepare()
+        ctl._hand_over()
+        with torch.no_grad():
+            for _, module in ctl.trainer.net.attention_keys():
+                module.gamma.fill_(3.0)  # branches that make a difference
+        target = ctl.next_target()
+        assert target.guide == guide
+        want = ctl.trainer.disagreement(image) if guide == DISAGREEMENT else entropy(ctl.trainer.probabilities(image))
+        best = rank_regions(want, window=ctl.window(), count=1)[0]
+        assert (target.y, target.x) == best.centre[1:] and target.score == pytest.approx(best.score, rel=1e-5)
+        ctl.stop()
+        ctl.reset()
+    # a model without joint modules has no two branches: Next falls back to the entropy
+    plain = new_model(config=DenseUNetConfig(**{**TINY.to_dict(), "attention": "pointwise"}),
+                      classes=["background", "object"], name="plain", seed=0)
+    ctl = _live(viewer, str(save_model(plain, model_dir / "plain.safetensors")))
+    ctl.start("cells", "cells labels", guide=DISAGREEMENT, **FAST)
+    ctl.prepare()
+    ctl._hand_over()
+    assert ctl.next_target().guide == ENTROPY

@@ -49,6 +49,12 @@ NEXT_WINDOW = 64
 #: unannotated slices of a stack sampled for *Next*, besides the slice in view
 NEXT_SAMPLES = 3
 NO_IMPROVEMENT = "no improvement over the start model"
+#: what *Next* ranks windows by: the disagreement of the joint modules' point-wise and
+#: self-attention branches (models with joint modules), or the softmax entropy; docs/results.md
+#: compares them with a simulated annotator (the disagreement did better there)
+DISAGREEMENT = "branch disagreement"
+ENTROPY = "entropy"
+GUIDES = (DISAGREEMENT, ENTROPY)
 
 
 def prediction_name(image_name: str) -> str:
@@ -88,6 +94,8 @@ class Target:
     x: int
     score: float
     box: tuple[int, int, int, int]
+    #: what ranked it (:data:`GUIDES`)
+    guide: str = ENTROPY
 
 
 @dataclass
@@ -129,6 +137,7 @@ class LiveController:
         self.pair: _Pair | None = None
         self.start_key: str | None = None
         self.annotated = PAINTED
+        self.guide = DISAGREEMENT
         self.settings: dict = {}
         self.trainer = None
         self.painted: np.ndarray | None = None  # True where the user painted since start
@@ -149,7 +158,8 @@ class LiveController:
         return self.pair is not None
 
     def start(self, image_name: str | None, labels_name: str | None, start: str | None = None,
-              annotated: str = PAINTED, channel_axis: int | None = None, **settings) -> None:
+              annotated: str = PAINTED, channel_axis: int | None = None, guide: str = DISAGREEMENT,
+              **settings) -> None:
         """Check the pair and the choices and get ready (GUI thread; no model is loaded here).
 
         Raises :class:`BadInputError` for no pair, a missing layer, shapes that differ,
@@ -161,6 +171,8 @@ class LiveController:
             raise BadInputError(NO_PAIR)
         if annotated not in ANNOTATED_CHOICES:
             raise BadInputError(f"what counts as annotated must be one of {ANNOTATED_CHOICES}")
+        if guide not in GUIDES:
+            raise BadInputError(f"Next ranks regions by one of {GUIDES}, not {guide!r}")
         layers = self.viewer.layers
         for name, kind in ((image_name, Image), (labels_name, Labels)):
             if name not in layers:
@@ -181,6 +193,7 @@ class LiveController:
                           tuple(inp.spatial_shape), inp.scale, inp.translate,
                           (layers[image_name].unique_id, layers[labels_name].unique_id))
         self.annotated = annotated
+        self.guide = guide
         self.settings = dict(settings)
         self.painted = np.zeros(self.pair.shape, bool)
         self.trainer = None
@@ -361,21 +374,17 @@ class LiveController:
 
         rng = rng or np.random.default_rng(len(self._visited))
         painted = self.annotated_mask()
+        guide = self.guide_used()
         if not self.pair.stack:
-            with self._lock:
-                u = self._uncertainty.get(-1)
-            if u is None:
-                u = self.predict(None).uncertainty
-            planes, zs = u[None], [None]
+            zs = [None]
             annotated = painted[None]
         else:
             z0 = self._current_z()
             free = [z for z in range(self.pair.shape[0]) if z != z0 and not painted[z].any()]
             picks = sorted(rng.choice(free, size=min(NEXT_SAMPLES, len(free)), replace=False).tolist()) if free else []
             zs = [z0, *picks]
-            planes = np.stack([self.predict(z).uncertainty if z != z0 or z not in self._uncertainty
-                               else self._uncertainty[z] for z in zs])
             annotated = painted[zs]
+        planes = np.stack([self._guide_map(z, guide) for z in zs])
         annotated = annotated.copy()
         for vz, y0, x0, y1, x1 in self._visited:
             if vz in zs:
@@ -387,7 +396,25 @@ class LiveController:
         z = zs[reg.z]
         self._visited.append((z, reg.y0, reg.x0, reg.y1, reg.x1))
         _, cy, cx = reg.centre
-        return Target(z, cy, cx, reg.score, (reg.y0, reg.x0, reg.y1, reg.x1))
+        return Target(z, cy, cx, reg.score, (reg.y0, reg.x0, reg.y1, reg.x1), guide)
+
+    def guide_used(self) -> str:
+        """The chosen guide, or entropy for a model without joint modules (no two branches)."""
+        if self.guide == DISAGREEMENT and not any(
+                m.kind == "joint" for _, m in self.trainer.net.attention_keys()):
+            return ENTROPY
+        return self.guide
+
+    def _guide_map(self, z: int | None, guide: str) -> np.ndarray:
+        """Plane ``z``'s map for *Next*: the branches' disagreement, or the (latest) entropy."""
+        if guide == DISAGREEMENT:
+            return self.trainer.disagreement(self._plane(z), self._value_range)
+        key = -1 if z is None else z
+        with self._lock:
+            u = self._uncertainty.get(key)
+        if u is None or (z is not None and z != self._current_z()):
+            u = self.predict(z).uncertainty
+        return u
 
     def window(self) -> int:
         """The side of *Next*'s window: :data:`NEXT_WINDOW`, smaller on small images (a quarter of the side)."""

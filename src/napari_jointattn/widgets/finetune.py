@@ -45,6 +45,7 @@ from ..controllers.finetune import (
 from ..controllers.layers import current_index
 from ..controllers.live import (
     ANNOTATED_CHOICES,
+    GUIDES,
     PAINTED,
     LiveController,
     LiveOutcome,
@@ -235,6 +236,11 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self.annotated_combo = QComboBox()
         self.annotated_combo.addItems(list(ANNOTATED_CHOICES))
         self.annotated_combo.setCurrentText(PAINTED)
+        self.guide_combo = QComboBox()
+        self.guide_combo.addItems(list(GUIDES))
+        self.guide_combo.setToolTip(
+            "What Next ranks regions by: where the joint modules' point-wise and self-attention branches "
+            "disagree (models with joint attention; entropy otherwise), or the entropy of the prediction")
         self.next_button = QPushButton("Next")
         self.next_button.setToolTip("Go to the most uncertain region not annotated yet")
         self.next_button.setEnabled(False)
@@ -244,6 +250,7 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self.live_status.setWordWrap(True)
         form = QFormLayout()
         form.addRow("Annotated", self.annotated_combo)
+        form.addRow("Next by", self.guide_combo)
         row = QHBoxLayout()
         row.addWidget(self.live_button)
         row.addWidget(self.next_button)
@@ -640,6 +647,7 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         try:
             self.live.start(image, labels, self.start_combo.currentData() or CURRENT,
                             annotated=self.annotated_combo.currentText(),
+                            guide=self.guide_combo.currentText(),
                             device=self.device_combo.currentText(), **self.live_settings)
         except BadInputError as exc:
             self._live_error(exc)
@@ -654,6 +662,7 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self.live_button.setText("Stop live")
         self.next_button.setEnabled(True)
         self.annotated_combo.setEnabled(False)
+        self.guide_combo.setEnabled(False)
         self.train_button.setEnabled(False)
         self.live_status.setText(f"Live on {image} ← {labels}: loading the start model…")
         # napari runs a full garbage collection whenever a layer comes or goes (the live layers
@@ -753,7 +762,7 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         if target is None:
             return "\nNext: every region is annotated or was shown already."
         where = "" if target.z is None else f"slice {target.z}, "
-        return f"\nNext: {where}around row {target.y}, column {target.x} (uncertainty {target.score:.2f})"
+        return f"\nNext: {where}around row {target.y}, column {target.x} ({target.guide} {target.score:.2f})"
 
     def _show_live_prediction(self, pred: LivePrediction) -> None:
         """Update the live prediction and uncertainty layers in place (created on first use)."""
@@ -834,6 +843,7 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
             self.live_button.setText("Start live")
             self.next_button.setEnabled(False)
             self.annotated_combo.setEnabled(True)
+            self.guide_combo.setEnabled(True)
             self.train_button.setEnabled(True)
         except RuntimeError:
             pass
