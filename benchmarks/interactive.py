@@ -386,15 +386,16 @@ def figure(runs: list[dict], images: dict, path: Path) -> None:
         show = image / max(1e-6, float(image.max()))
         row[0].imshow(show, cmap=None if show.ndim == 3 else "gray")
         row[0].contour(truth, [0.5], colors="yellow", linewidths=0.8)
+        main_runs = any(r["task"] == task and r["method"] in ("ours", "rf") for r in runs)
         for r in runs:
-            if r["task"] == task and r["method"] in ("ours", "rf") and r["seed"] == min(
+            if r["task"] == task and r["method"] in ("ours", "rf") and "prediction" in r and r["seed"] == min(
                     x["seed"] for x in runs if x["task"] == task and x["method"] == r["method"]):
                 row[0].contour(r["prediction"], [0.5], colors=colours[r["method"]], linewidths=0.7)
                 for s in r["strokes"]:
                     if s["centre"][0] >= 0:
                         row[0].plot(s["centre"][1], s["centre"][0], "+", color=colours[r["method"]], ms=5)
         row[0].set_title(f"{task}: truth (yellow), last prediction and stroke centres\n"
-                         "ours blue, random forest orange", fontsize=8)
+                         "ours blue, random forest orange" if main_runs else f"{task}: truth (yellow)", fontsize=8)
         row[0].axis("off")
         for r in runs:
             if r["task"] != task:
@@ -415,6 +416,8 @@ def figure(runs: list[dict], images: dict, path: Path) -> None:
             ax.grid(alpha=0.3)
         row[1].set_title(f"{task}: Dice per round", fontsize=9)
         row[2].set_title(f"{task}: Dice against compute", fontsize=9)
+        if not main_runs:  # region-choice runs only: their compute is not the comparison
+            row[2].set_visible(False)
         row[1].legend(fontsize=6, loc="lower right")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -457,7 +460,15 @@ def main(argv=None) -> dict:
                         "faster: 2 threads competing for busy cores made training steps 5-40x slower)")
     p.add_argument("--json", type=Path)
     p.add_argument("--figure", type=Path)
+    p.add_argument("--replot", type=Path, metavar="JSON",
+                   help="only draw --figure from the runs of an earlier --json (no last predictions)")
     args = p.parse_args(argv)
+    if args.replot:
+        old = json.loads(args.replot.read_text())
+        runs = old["runs"]
+        tasks = list(dict.fromkeys(r["task"] for r in runs))
+        figure(runs, {t: load(t, old["settings"].get("quick", False))[:2] for t in tasks}, args.figure)
+        return old
     if args.quick:
         args.rounds, args.seconds, args.seeds, args.region_seeds = 3, 1.0, [0], [0]
     torch.set_num_threads(args.threads)

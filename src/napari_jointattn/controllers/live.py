@@ -49,12 +49,13 @@ NEXT_WINDOW = 64
 #: unannotated slices of a stack sampled for *Next*, besides the slice in view
 NEXT_SAMPLES = 3
 NO_IMPROVEMENT = "no improvement over the start model"
-#: what *Next* ranks windows by: the disagreement of the joint modules' point-wise and
-#: self-attention branches (models with joint modules), or the softmax entropy; docs/results.md
-#: compares them with a simulated annotator (the disagreement did better there)
-DISAGREEMENT = "branch disagreement"
+#: what *Next* ranks windows by: the softmax entropy (the default: shown anyway as the uncertainty
+#: layer), or the disagreement of the joint modules' point-wise and self-attention branches (models
+#: with joint modules; two more forward passes per plane). docs/results.md compares them with a
+#: simulated annotator: neither was consistently ahead of the other
 ENTROPY = "entropy"
-GUIDES = (DISAGREEMENT, ENTROPY)
+DISAGREEMENT = "branch disagreement"
+GUIDES = (ENTROPY, DISAGREEMENT)
 
 
 def prediction_name(image_name: str) -> str:
@@ -137,7 +138,7 @@ class LiveController:
         self.pair: _Pair | None = None
         self.start_key: str | None = None
         self.annotated = PAINTED
-        self.guide = DISAGREEMENT
+        self.guide = ENTROPY
         self.settings: dict = {}
         self.trainer = None
         self.painted: np.ndarray | None = None  # True where the user painted since start
@@ -158,7 +159,7 @@ class LiveController:
         return self.pair is not None
 
     def start(self, image_name: str | None, labels_name: str | None, start: str | None = None,
-              annotated: str = PAINTED, channel_axis: int | None = None, guide: str = DISAGREEMENT,
+              annotated: str = PAINTED, channel_axis: int | None = None, guide: str = ENTROPY,
               **settings) -> None:
         """Check the pair and the choices and get ready (GUI thread; no model is loaded here).
 

@@ -239,8 +239,8 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self.guide_combo = QComboBox()
         self.guide_combo.addItems(list(GUIDES))
         self.guide_combo.setToolTip(
-            "What Next ranks regions by: where the joint modules' point-wise and self-attention branches "
-            "disagree (models with joint attention; entropy otherwise), or the entropy of the prediction")
+            "What Next ranks regions by: the entropy of the prediction (the uncertainty layer), or where the "
+            "joint modules' point-wise and self-attention branches disagree (models with joint attention)")
         self.next_button = QPushButton("Next")
         self.next_button.setToolTip("Go to the most uncertain region not annotated yet")
         self.next_button.setEnabled(False)
