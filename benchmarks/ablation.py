@@ -383,12 +383,12 @@ def fair_report(rows: list[dict]) -> str:
             continue
         lines += [f"### {task} (fair recipe)", "",
                   "| model | seeds | Dice | precision | recall | all modules knocked out: Dice change | "
-                  "pixels that change | best epoch |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+                  "pixels that change | learned γ at 1/8, 1/16, 1/32 (mean) | best epoch |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
         for model in FAIR_MODELS:
             rs = sorted((r for r in runs if r["model"] == model), key=lambda r: r["seed"])
             if not rs:
-                lines.append(f"| {model} | none yet | | | | | | |")
+                lines.append(f"| {model} | none yet | | | | | | | |")
                 continue
 
             def col(values, digits=3):
@@ -398,9 +398,11 @@ def fair_report(rows: list[dict]) -> str:
             ko = [r["knockout_eval"]["modules"]["all"] for r in rs if r.get("knockout_eval")]
             ko_dice = col([k["dice_change"] for k in ko], 4) if ko else "—"
             ko_px = (col([100 * k["changed_fraction"] for k in ko], 2) + " %") if ko else "—"
+            gammas = [list(r["gamma"].values()) for r in rs if r.get("gamma")]
+            gamma = " / ".join(f"{v:+.3f}" for v in np.mean(gammas, axis=0)) if gammas else "—"
             lines.append(f"| {model} | {', '.join(str(r['seed']) for r in rs)} | {col([r['dice'] for r in rs])} | "
                          f"{col([r['precision'] for r in rs])} | {col([r['recall'] for r in rs])} | {ko_dice} | "
-                         f"{ko_px} | {', '.join(str(r['best_epoch']) for r in rs)} |")
+                         f"{ko_px} | {gamma} | {', '.join(str(r['best_epoch']) for r in rs)} |")
         lines += ["", f"Paired differences ({task}; Dice of the first minus the second, same seeds):", "",
                   "| comparison | seeds | mean difference ± sd | first ahead in | paired t-test p |",
                   "| --- | --- | --- | --- | --- |"]
