@@ -69,6 +69,8 @@ SUMMARY_DEBOUNCE_MS = 400
 PROGRESS_EVERY_S = 1.0
 #: live mode hands the annotations over this long after the last stroke
 LIVE_DEBOUNCE_MS = 500
+#: pause between adding the live layers one by one (the event loop runs in between)
+LAYER_STEP_MS = 30
 LIVE_HINT = ("Paint on the labels layer: what you paint since Start trains the model. "
              "Erase (or paint label 0) to mark background; erase strokes count even over "
              "unlabelled pixels.")
@@ -765,18 +767,36 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         return f"\nNext: {where}around row {target.y}, column {target.x} ({target.guide} {target.score:.2f})"
 
     def _show_live_prediction(self, pred: LivePrediction) -> None:
-        """Update the live prediction and uncertainty layers in place (created on first use)."""
+        """Update the live prediction and uncertainty layers in place (created on first use).
+
+        A missing layer is added alone in one turn of the event loop and the
+        latest prediction is shown on a later turn: adding a 512² layer takes
+        napari about 0.1 s, and two at once made the loop's worst pause.
+        """
         pair = self.live.pair
+        self._live_latest = pred
+        if pair is None:
+            return
         names = (prediction_name(pair.image_name), uncertainty_name(pair.image_name))
         layers = self.viewer.layers
         geometry = {"scale": pair.scale, "translate": pair.translate}
         import numpy as np
 
-        if names[1] not in layers:  # below the prediction: the classes stay readable
-            self.viewer.add_image(np.zeros(pair.shape, np.float32), name=names[1], colormap="magma",
-                                  blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0), **geometry)
-        if names[0] not in layers:
-            self.viewer.add_labels(np.zeros(pair.shape, np.uint8), name=names[0], opacity=0.45, **geometry)
+        def filled(values, dtype):  # a new layer shows the prediction from its first frame
+            data = np.zeros(pair.shape, dtype)
+            plane = data if pred.z is None else data[pred.z]
+            if plane.shape == values.shape:
+                plane[...] = values
+            return data
+
+        if names[1] not in layers or names[0] not in layers:
+            if names[1] not in layers:  # below the prediction: the classes stay readable
+                self.viewer.add_image(filled(pred.uncertainty, np.float32), name=names[1], colormap="magma",
+                                      blending="additive", opacity=0.5, contrast_limits=(0.0, 1.0), **geometry)
+            else:
+                self.viewer.add_labels(filled(pred.classes, np.uint8), name=names[0], opacity=0.45, **geometry)
+            QTimer.singleShot(LAYER_STEP_MS, lambda: self._show_live_prediction(self._live_latest))
+            return
         for name, values in zip(names, (pred.classes, pred.uncertainty)):
             layer = layers[name]
             if layer.data.shape != pair.shape:
