@@ -2,7 +2,9 @@
 
     python benchmarks/interactive.py [--quick] [--tasks skin ventricles] [--rounds 12]
                                      [--seconds 5 | --steps N] [--seeds 0 1] [--region-seeds 0]
+                                     [--methods ours rf ours-uncertain ours-disagreement ours-random]
                                      [--json OUT] [--figure OUT.png] [--threads 2]
+    python benchmarks/interactive.py --replot OUT.json --figure OUT.png   # redraw only
 
 Tasks (2-D, one image each, real data from package wheels, both outside what
 the start preset was trained for):
