@@ -401,8 +401,7 @@ class LiveController:
 
     def guide_used(self) -> str:
         """The chosen guide, or entropy for a model without joint modules (no two branches)."""
-        if self.guide == DISAGREEMENT and not any(
-                m.kind == "joint" for _, m in self.trainer.net.attention_keys()):
+        if self.guide == DISAGREEMENT and not self.trainer.net.joint_modules():
             return ENTROPY
         return self.guide
 

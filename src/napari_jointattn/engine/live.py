@@ -199,7 +199,7 @@ class LiveTrainer:
         modules has no two branches (``BadInputError``)."""
         from .uncertainty import disagreement
 
-        if not any(m.kind == "joint" for _, m in self.net.attention_keys()):
+        if not self.net.joint_modules():
             raise BadInputError("this model has no joint attention modules, so no two branches to compare")
         return disagreement(self.probabilities(plane, value_range, branch="pointwise"),
                             self.probabilities(plane, value_range, branch="self"))

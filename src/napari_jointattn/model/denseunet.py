@@ -333,6 +333,10 @@ class DenseUNet(nn.Module):
             for n, state in before.items():
                 modules[n].enabled = state
 
+    def joint_modules(self) -> list[UnifiedAttention]:
+        """The joint attention modules (the ones with two branches), shallow first."""
+        return [m for _, m in self.attention_keys() if m.kind == "joint"]
+
     @contextlib.contextmanager
     def branch_only(self, branch: str):
         """Within the block, every joint module uses one branch alone: ``"pointwise"``
@@ -340,7 +344,7 @@ class DenseUNet(nn.Module):
         joint forms; the other kinds are unchanged. ``ValueError`` without a joint module."""
         if branch not in ("pointwise", "self"):
             raise ValueError(f"branch must be 'pointwise' or 'self', got {branch!r}")
-        joint = [m for _, m in self.attention_keys() if m.kind == "joint"]
+        joint = self.joint_modules()
         if not joint:
             raise ValueError("the network has no joint attention module: it has no two branches")
         for m in joint:
