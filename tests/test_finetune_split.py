@@ -12,7 +12,7 @@ import pytest
 
 from napari_jointattn.cli import main
 from napari_jointattn.engine.models import load_model, new_model
-from napari_jointattn.engine.split import GAP_SLICES, MIN_GAP_PIXELS
+from napari_jointattn.engine.split import GAP_PIXELS, GAP_SLICES, MIN_GAP_PIXELS
 from napari_jointattn.engine.training import (
     CropCentres,
     build_samples,
@@ -91,6 +91,24 @@ def test_two_annotated_slices_far_apart_split_by_slice():
     assert train_z == [1] and val_z == [7] and val_z[0] - train_z[0] > GAP_SLICES
 
 
+def test_three_annotated_slices_validate_on_the_middle_one():
+    # the first and the last annotated slices train, so that the slices beyond them are
+    # predicted from an annotated neighbour, not extrapolated from the slices in the middle
+    image, labels = disk_image([(30, 30), (60, 80)])
+    stack, lab = np.stack([image] * 20), np.zeros((20,) + labels.shape, np.int32)
+    for z in (3, 9, 16):
+        lab[z] = labels
+    samples, summary = build_samples(new_model("nuclei"), [stack], [lab])
+    assert summary["split_kind"] == "slices" and "slice 9" in summary["split"]
+    assert [s.index for s in samples if s.train_mask.any()] == [3, 16]
+    # too close to a neighbour for the gap: the middle one cannot be held out, an end slice is
+    lab[:] = 0
+    for z in (3, 5, 16):
+        lab[z] = labels
+    samples, summary = build_samples(new_model("nuclei"), [stack], [lab])
+    assert [s.index for s in samples if s.val_mask.any()] == [16]
+
+
 def test_two_neighbouring_slices_fall_back_to_a_strip():
     # slices 3 and 4 are neighbours: no slice split leaves a gap, so each plane is split in space
     image, labels = disk_image([(48, 90)], radius=10)
@@ -99,6 +117,48 @@ def test_two_neighbouring_slices_fall_back_to_a_strip():
     samples, summary = build_samples(new_model("nuclei"), [stack], [lab])
     assert summary["split_kind"] == "strip" and sides(samples) == ({1}, {1})
     assert no_overlap(samples)
+
+
+def three_slices_two_objects():
+    """A stack with two objects on each of three annotated slices (like the two lateral ventricles);
+    on the last slice the left one is bigger than 20 % of all the annotated foreground."""
+    image, labels = disk_image([(48, 35), (48, 85)], radius=8)
+    last = disk_image([(48, 35)], radius=10)[1] | disk_image([(48, 85)], radius=6)[1]
+    stack, lab = np.stack([image] * 12), np.zeros((12,) + labels.shape, np.int32)
+    lab[2], lab[6], lab[10] = labels, labels, last
+    return stack, lab
+
+
+def test_objects_split_holds_out_whole_objects_and_keeps_every_slice_training():
+    from scipy import ndimage as ndi
+
+    stack, lab = three_slices_two_objects()
+    samples, summary = build_samples(new_model("nuclei"), [stack], [lab], split="objects")
+    assert summary["split_kind"] == "objects" and no_overlap(samples)
+    # every annotated slice still trains on foreground: none is lost to validation
+    assert sorted(s.index for s in samples if (s.train_mask & (s.target == 1)).any()) == [2, 6, 10]
+    val = [s for s in samples if s.val_mask.any()]
+    assert [s.index for s in val] == [10]  # the largest object of the last slice covers 20 % of the class
+    s = val[0]
+    held = s.val_mask & (s.target == 1)
+    comp, n = ndi.label(s.target == 1)
+    assert n == 2 and np.array_equal(held, comp == comp[48, 35])  # a whole object, not a part of one
+    assert (s.val_mask & (s.target == 0)).sum() > 10 * held.sum()  # its surroundings, to count false positives
+    # a band along the border between the two cells is used by neither side
+    free_val = s.val_mask & (s.target == 0)
+    free_train = s.train_mask & (s.target == 0)
+    d = ndi.distance_transform_edt(~free_train)
+    assert d[free_val].min() > GAP_PIXELS - 1
+
+
+def test_objects_split_needs_a_second_object_on_a_slice():
+    image, labels = disk_image([(48, 60)], radius=10)  # one object per slice: nothing whole to hold out
+    stack, lab = np.stack([image] * 8), np.zeros((8,) + labels.shape, np.int32)
+    lab[1], lab[6] = labels, labels
+    samples, summary = build_samples(new_model("nuclei"), [stack], [lab], split="objects")
+    assert summary["split_kind"] == "training" and "optimistic" in summary["warnings"][0]
+    with pytest.raises(Exception, match="split must be one of"):
+        train("nuclei", [stack], [lab], split="halves", **FAST)
 
 
 def test_images_split_keeps_every_class_on_both_sides():
@@ -256,3 +316,22 @@ def test_training_records_the_threshold_it_chose(blobs):
     off = train(new_model("nuclei", seed=0), [image], [labels], epochs=2, steps_per_epoch=6, batch_size=4,
                 crop=64, device="cpu", calibrate_threshold=False)
     assert "threshold" not in off.model.postprocess and off.model.provenance["training"]["threshold"] is None
+
+
+def test_cli_split_option_reaches_the_split(tmp_path, capsys):
+    import tifffile
+
+    stack, lab = three_slices_two_objects()
+    tifffile.imwrite(tmp_path / "img.tif", stack)
+    tifffile.imwrite(tmp_path / "lab.tif", lab.astype(np.uint16))
+    out = tmp_path / "m.safetensors"
+    base = ["train", "--image", str(tmp_path / "img.tif"), "--labels", str(tmp_path / "lab.tif"), "--axis", "0",
+            "--epochs", "1", "--max-seconds", "1", "--device", "cpu", "--batch-size", "2"]
+    assert main([*base, "--out", str(out), "--split", "objects"]) == 0
+    assert load_model(out).provenance["data"]["split"].startswith("by objects: 1 whole objects on slice 10")
+    assert main([*base, "--out", str(tmp_path / "auto.safetensors")]) == 0  # auto: the middle slice
+    assert load_model(tmp_path / "auto.safetensors").provenance["data"]["split"].startswith(
+        "by slices: 1 of 3 annotated slices (slice 6)")
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "x.safetensors"), "--split", "halves"]) == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -122,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-seconds", type=float, default=None)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--split", default="auto", choices=("auto", "images", "slices", "objects", "strip"),
+                   help="training/validation split (default auto: by image, by slices, by a strip; "
+                        "see docs/training.md)")
     t.add_argument("--no-augment", action="store_true")
     t.add_argument("--seed", type=_seed, default=0)
     t.add_argument("--batch-size", type=_positive, default=8, metavar="B",
@@ -309,8 +312,8 @@ def cmd_train(args) -> int:
     try:
         result = train(args.start, images, labels, masks=masks, axis=args.axis, classes=classes,
                        out=args.out, epochs=args.epochs, max_seconds=args.max_seconds, lr=args.lr,
-                       val_fraction=args.val_fraction, augment=not args.no_augment, seed=args.seed,
-                       batch_size=args.batch_size, checkpoint=args.checkpoint, device=args.device,
+                       val_fraction=args.val_fraction, split=args.split, augment=not args.no_augment,
+                       seed=args.seed, batch_size=args.batch_size, checkpoint=args.checkpoint, device=args.device,
                        callback=callback)
     finally:
         signal.signal(signal.SIGINT, previous)

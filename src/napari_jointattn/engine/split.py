@@ -7,6 +7,9 @@ the rule is used (``Split.kind`` names it):
 1. ``images``   several annotated images: whole images are held out.
 2. ``slices``   one stack with several annotated slices: a block of slices is
    held out, and the ``GAP_SLICES`` slices next to it are used by neither side.
+   The last block first; with at most ``FEW_SLICES`` annotated slices an interior
+   one (whose gap drops no annotated slice), so that the first and the last
+   annotated slices train.
 3. ``strip``    a strip of each plane is held out, with an unused margin of
    ``GAP_PIXELS`` between the sides. First the right-hand ``val_fraction`` of
    the columns; if a class is then missing on one side, the strip is cut
@@ -29,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 GAP_SLICES = 2
+FEW_SLICES = 4
 GAP_PIXELS = 16
 MIN_GAP_PIXELS = 2
 
@@ -55,7 +59,14 @@ def _covers(samples, wanted: set[int], num_classes: int) -> bool:
             and fg_classes(samples, "val", num_classes) >= wanted)
 
 
-def split_samples(samples, val_fraction: float, num_classes: int) -> Split:
+SPLITS = ("auto", "images", "slices", "objects", "strip")
+
+
+def split_samples(samples, val_fraction: float, num_classes: int, kind: str = "auto") -> Split:
+    """Split in place; ``kind`` "auto" tries the splits in the order above, another
+    name tries only that one (and falls back to ``training`` with its warning)."""
+    if kind not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {kind!r}")
     annotated = [s.train_mask.copy() for s in samples]
     wanted = fg_classes(samples, "train", num_classes)
 
@@ -63,7 +74,10 @@ def split_samples(samples, val_fraction: float, num_classes: int) -> Split:
         for s, a in zip(samples, annotated):
             s.train_mask, s.val_mask = a.copy(), np.zeros_like(a)
 
-    for attempt in (_by_images, _by_slices, _by_strip):
+    attempts = {"images": _by_images, "slices": _by_slices, "objects": _by_objects, "strip": _by_strip}
+    for name, attempt in attempts.items():
+        if kind not in ("auto", name) or (kind == "auto" and name == "objects"):
+            continue
         reset()
         split = attempt(samples, annotated, val_fraction, wanted, num_classes)
         if split is not None:
@@ -102,7 +116,18 @@ def _by_slices(samples, annotated, val_fraction, wanted, k) -> Split | None:
         return None
     zs = sorted(s.index for s in samples)
     n_val = max(1, round(val_fraction * len(zs)))
-    for start in range(len(zs) - n_val, -1, -1):  # the last block first
+    last = len(zs) - n_val
+    starts = list(range(last, -1, -1))  # the last block first
+    if len(zs) <= FEW_SLICES:
+        # a few slices: an interior one first, the most central first, so that the first and
+        # the last annotated slices train and the slices beyond them are predicted from an
+        # annotated neighbour (blocks whose gap would drop an annotated slice come last)
+        def lost(i: int) -> int:
+            lo, hi = zs[i], zs[i + n_val - 1]
+            return sum(1 for z in zs if lo - GAP_SLICES <= z < lo or hi < z <= hi + GAP_SLICES)
+
+        starts.sort(key=lambda i: (lost(i), i in (0, last), abs(i - last / 2)))
+    for start in starts:
         block = zs[start : start + n_val]
         lo, hi = block[0], block[-1]
         for s, a in zip(samples, annotated):
@@ -115,6 +140,70 @@ def _by_slices(samples, annotated, val_fraction, wanted, k) -> Split | None:
             return Split("slices", f"by slices: {n_val} of {len(zs)} annotated slices ({where}) for "
                                    f"validation, gap {GAP_SLICES}")
     return None
+
+
+def _by_objects(samples, annotated, val_fraction, wanted, k) -> Split | None:
+    """Hold out whole objects from planes that keep another object of the class for training.
+
+    Objects are the connected components (8-neighbourhood) of each class in each
+    plane. Each plane is cut into cells, a pixel belonging to its nearest object;
+    the cells of held-out objects validate, the others train, and pixels within
+    ``GAP_PIXELS`` of the border between the two (by the difference of the
+    distances) are used by neither. Object pixels themselves are never dropped.
+    Objects are taken in turns from the planes, the largest remaining first,
+    until ``val_fraction`` of the class's pixels is held out.
+    """
+    from scipy import ndimage as ndi
+
+    if len(samples) < 2 or len({s.source for s in samples}) != 1:
+        return None
+    eight = np.ones((3, 3), bool)
+    comps = []  # per plane: list of (class, size, mask)
+    for s, a in zip(samples, annotated):
+        objs = []
+        for c in sorted(wanted):
+            lab, n = ndi.label((s.target == c) & a, eight)
+            objs += [(c, int((lab == i).sum()), lab == i) for i in range(1, n + 1)]
+        comps.append(objs)
+    held: list[set[int]] = [set() for _ in samples]
+    for c in sorted(wanted):
+        total = sum(size for objs in comps for cc, size, _ in objs if cc == c)
+        goal, got = val_fraction * total, 0
+        while got < goal:
+            took = False
+            for p in sorted(range(len(samples)), key=lambda i: samples[i].index, reverse=True):
+                left = [i for i, (cc, _, _) in enumerate(comps[p]) if cc == c and i not in held[p]]
+                if len(left) < 2 or got >= goal:
+                    continue
+                i = max(left, key=lambda j: comps[p][j][1])
+                held[p].add(i)
+                got += comps[p][i][1]
+                took = True
+            if not took:
+                break
+        if got == 0:
+            return None
+    for s, a, objs, h in zip(samples, annotated, comps, held):
+        if not h:
+            s.train_mask, s.val_mask = a.copy(), np.zeros_like(a)
+            continue
+        val_obj = np.zeros_like(a)
+        train_obj = np.zeros_like(a)
+        for i, (_, _, m) in enumerate(objs):
+            (val_obj if i in h else train_obj)[...] |= m
+        val_cell = ndi.distance_transform_edt(~val_obj) < (
+            ndi.distance_transform_edt(~train_obj) if train_obj.any() else np.inf)
+        half = GAP_PIXELS / 2  # each side keeps this far from the other's cell
+        s.val_mask = a & ((val_cell & (ndi.distance_transform_edt(val_cell) > half)) | val_obj)
+        s.train_mask = a & ((~val_cell & (ndi.distance_transform_edt(~val_cell) > half)) | train_obj)
+        s.train_mask &= ~s.val_mask
+    if not _covers(samples, wanted, k):
+        return None
+    n_obj = sum(len(h) for h in held)
+    planes = [s.index for s, h in zip(samples, held) if h]
+    return Split("objects", f"by objects: {n_obj} whole objects on slice{'s' if len(planes) > 1 else ''} "
+                            f"{', '.join(map(str, planes))} for validation (with their surroundings), gap "
+                            f"{GAP_PIXELS} px")
 
 
 def _apply_cut(samples, annotated, axis: int, cut: int, val_high: bool, gap: int) -> None:

@@ -54,10 +54,12 @@ def build_samples(
     axis: int | None = None,
     channel_axis: int | None = None,
     val_fraction: float | None = 0.2,
+    split: str = "auto",
 ) -> tuple[list[Sample], dict]:
     """Annotated 2-D planes with leak-free train/validation masks, and a summary.
 
     ``val_fraction=None``: no validation part, every annotated pixel trains.
+    ``split``: which split to make (``engine.split``; "auto" picks the first that works).
     """
     if len(images) != len(labels):
         raise BadInputError(f"{len(images)} images but {len(labels)} label images")
@@ -131,7 +133,7 @@ def build_samples(
     if val_fraction is None:  # every annotated pixel trains (the live loop)
         split = Split("none", "none: every annotated pixel trains", None)
     else:
-        split = split_samples(samples, val_fraction, k)
+        split = split_samples(samples, val_fraction, k, split)
     samples = [s for s in samples if s.train_mask.any() or s.val_mask.any()]
     n_train = int(sum(s.train_mask.sum() for s in samples))
     n_val = int(sum(s.val_mask.sum() for s in samples))

@@ -89,7 +89,7 @@ def train(
     model, head_reset = _start_model(start, classes, seed=settings.seed)
     parent_name = _parent_name(start, model)
     samples, summary = build_samples(
-        model, images, labels, masks, weights, axis, channel_axis, settings.val_fraction
+        model, images, labels, masks, weights, axis, channel_axis, settings.val_fraction, settings.split
     )
     warnings_: list[str] = list(summary.get("warnings", []))
 

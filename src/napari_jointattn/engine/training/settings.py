@@ -10,6 +10,7 @@ import numpy as np
 from ..checks import check_seed, finite_number
 from ..errors import BadInputError
 from ..models import Model
+from ..split import SPLITS
 
 
 @dataclass
@@ -22,6 +23,9 @@ class TrainSettings:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
+    #: the training/validation split (``engine.split``): "auto" (the first of
+    #: images, slices, strip that keeps every class on both sides) or one of them
+    split: str = "auto"
     patience: int = 8
     augment: bool = True
     scale_range: tuple[float, float] = (0.75, 1.33)
@@ -92,6 +96,8 @@ class TrainSettings:
         finite_number(self.elastic, "elastic", 0, 1)
         if self.ema >= 1:
             raise BadInputError(f"ema must be in [0, 1), got {self.ema!r}")
+        if self.split not in SPLITS:
+            raise BadInputError(f"split must be one of {', '.join(map(repr, SPLITS))}, got {self.split!r}")
         if self.head not in ("auto", "keep", "reset"):
             raise BadInputError(f"head must be 'auto', 'keep' or 'reset', got {self.head!r}")
 
