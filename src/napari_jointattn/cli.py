@@ -70,6 +70,8 @@ def _show(text: object) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .engine.split import SPLITS  # numpy only: the parser stays free of torch
+
     p = _Parser(
         prog=PROG,
         description="Segment, evaluate and manage joint-attention DenseUNet models.",
@@ -122,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--max-seconds", type=float, default=None)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--val-fraction", type=float, default=0.2)
-    t.add_argument("--split", default="auto", choices=("auto", "images", "slices", "objects", "strip"),
+    t.add_argument("--split", default="auto", choices=SPLITS,
                    help="training/validation split (default auto: by image, by slices, by a strip; "
                         "see docs/training.md)")
     t.add_argument("--no-augment", action="store_true")

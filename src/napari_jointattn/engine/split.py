@@ -147,50 +147,52 @@ def _by_objects(samples, annotated, val_fraction, wanted, k) -> Split | None:
 
     Objects are the connected components (8-neighbourhood) of each class in each
     plane. Each plane is cut into cells, a pixel belonging to its nearest object;
-    the cells of held-out objects validate, the others train, and pixels within
-    ``GAP_PIXELS`` of the border between the two (by the difference of the
-    distances) are used by neither. Object pixels themselves are never dropped.
-    Objects are taken in turns from the planes, the largest remaining first,
-    until ``val_fraction`` of the class's pixels is held out.
+    the cells of held-out objects validate (their background too, so that false
+    positives count), the others train, and a band ``GAP_PIXELS`` wide along the
+    border between the two is used by neither. Object pixels are never dropped.
+    Objects are taken in turns from the planes (the last plane first), the largest
+    remaining first, until ``val_fraction`` of the class's pixels is held out.
     """
     from scipy import ndimage as ndi
 
     if len(samples) < 2 or len({s.source for s in samples}) != 1:
         return None
     eight = np.ones((3, 3), bool)
-    comps = []  # per plane: list of (class, size, mask)
+    # per plane and class: the component label image and each component's size (index 0 unused)
+    comps = []
     for s, a in zip(samples, annotated):
-        objs = []
-        for c in sorted(wanted):
+        plane = {}
+        for c in wanted:
             lab, n = ndi.label((s.target == c) & a, eight)
-            objs += [(c, int((lab == i).sum()), lab == i) for i in range(1, n + 1)]
-        comps.append(objs)
-    held: list[set[int]] = [set() for _ in samples]
+            plane[c] = (lab, np.bincount(lab.ravel(), minlength=n + 1))
+        comps.append(plane)
+    held = [{c: set() for c in wanted} for _ in samples]  # component ids held out
+    order = sorted(range(len(samples)), key=lambda i: samples[i].index, reverse=True)
     for c in sorted(wanted):
-        total = sum(size for objs in comps for cc, size, _ in objs if cc == c)
-        goal, got = val_fraction * total, 0
-        while got < goal:
+        goal = val_fraction * sum(int(plane[c][1][1:].sum()) for plane in comps)
+        got, took = 0, True
+        while got < goal and took:
             took = False
-            for p in sorted(range(len(samples)), key=lambda i: samples[i].index, reverse=True):
-                left = [i for i, (cc, _, _) in enumerate(comps[p]) if cc == c and i not in held[p]]
+            for p in order:
+                sizes = comps[p][c][1]
+                left = [i for i in range(1, len(sizes)) if i not in held[p][c]]
                 if len(left) < 2 or got >= goal:
-                    continue
-                i = max(left, key=lambda j: comps[p][j][1])
-                held[p].add(i)
-                got += comps[p][i][1]
+                    continue  # a plane keeps at least one object of the class for training
+                i = max(left, key=lambda j: sizes[j])
+                held[p][c].add(i)
+                got += int(sizes[i])
                 took = True
-            if not took:
-                break
         if got == 0:
             return None
-    for s, a, objs, h in zip(samples, annotated, comps, held):
-        if not h:
+    for s, a, plane, h in zip(samples, annotated, comps, held):
+        if not any(h.values()):
             s.train_mask, s.val_mask = a.copy(), np.zeros_like(a)
             continue
-        val_obj = np.zeros_like(a)
-        train_obj = np.zeros_like(a)
-        for i, (_, _, m) in enumerate(objs):
-            (val_obj if i in h else train_obj)[...] |= m
+        val_obj, train_obj = np.zeros_like(a), np.zeros_like(a)
+        for c, (lab, _) in plane.items():
+            out = np.isin(lab, list(h[c]))
+            val_obj |= out
+            train_obj |= (lab > 0) & ~out
         val_cell = ndi.distance_transform_edt(~val_obj) < (
             ndi.distance_transform_edt(~train_obj) if train_obj.any() else np.inf)
         half = GAP_PIXELS / 2  # each side keeps this far from the other's cell
@@ -199,8 +201,8 @@ def _by_objects(samples, annotated, val_fraction, wanted, k) -> Split | None:
         s.train_mask &= ~s.val_mask
     if not _covers(samples, wanted, k):
         return None
-    n_obj = sum(len(h) for h in held)
-    planes = [s.index for s, h in zip(samples, held) if h]
+    n_obj = sum(len(ids) for h in held for ids in h.values())
+    planes = [s.index for s, h in zip(samples, held) if any(h.values())]
     return Split("objects", f"by objects: {n_obj} whole objects on slice{'s' if len(planes) > 1 else ''} "
                             f"{', '.join(map(str, planes))} for validation (with their surroundings), gap "
                             f"{GAP_PIXELS} px")
