@@ -62,6 +62,9 @@ def test_train_on_painted_labels(qtbot, docks, blobs, model_dir):
     wait_idle(qtbot, ft)
     result = ft.controller.last_result
     assert result is not None, ft.status.text()
+    # the status names the validation split it chose (here the right-hand strip of the image)
+    assert f"Split {result.summary['split']}." in ft.status.text()
+    assert result.summary["split"].startswith("by columns")
     losses = [h["loss"] for h in result.history[1:]]
     assert losses[-1] < losses[0]
     assert result.path.parent == model_dir and result.path.name.startswith("start-ft-")

@@ -517,7 +517,8 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
             # nothing was saved: the start model stays current, no new version is listed
             self.status.setText(
                 f"No improvement over the start model (validation Dice {result.start_dice:.3f} was never "
-                f"beaten in {result.seconds:.0f} s): nothing saved. Train longer or annotate more."
+                f"beaten in {result.seconds:.0f} s): nothing saved. Train longer or annotate more. "
+                f"Split {result.summary['split']}."
             )
             show_warning("Fine-tune: no improvement over the start model; nothing was saved")
             self._redraw()
@@ -525,7 +526,8 @@ class FinetuneDock(_workers.WorkerDockMixin, QWidget):
         self.status.setText(
             f"Saved {result.path.name}: best validation Dice {result.best_dice:.3f} (start model "
             f"{result.start_dice:.3f}; epoch {result.best_epoch}), stopped by {result.stopped}, "
-            f"{result.seconds:.0f} s on {result.device}. The Segment dock now uses it."
+            f"{result.seconds:.0f} s on {result.device}. The Segment dock now uses it. "
+            f"Split {result.summary['split']}."
         )
         show_info(f"Fine-tuned model saved: {result.path}")
         self.compare_button.setEnabled(True)
