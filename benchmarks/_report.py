@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from napari_jointattn.engine.files import write_bytes_atomic
+from napari_jointattn.engine.io.files import write_bytes_atomic
 
 
 def update_section(doc: Path, key: str, text: str) -> None:

@@ -112,7 +112,7 @@ class PeerNet(nn.Module):
 def build_model(name: str, num_classes: int, seed: int, classes: list[str], paired: bool = False):
     """``paired``: every layer a variant shares with ``none`` starts from the same weights as
     ``none`` with this seed (the attention modules draw their own), so variants differ only by them."""
-    from napari_jointattn.engine.models import Model
+    from napari_jointattn.engine.models.model import Model
     from napari_jointattn.model import DenseUNet
 
     torch.manual_seed(seed)
@@ -148,8 +148,8 @@ def task_data(task: str) -> dict:
 
 def one_run(model_name: str, task: str, seed: int, device: str = "auto", recipe: dict | None = None,
             paired: bool = False) -> dict:
-    from napari_jointattn.engine.inference import segment
-    from napari_jointattn.engine.metrics import confusion, overlap_scores
+    from napari_jointattn.engine.evaluation.metrics import confusion, overlap_scores
+    from napari_jointattn.engine.inference.segment import segment
     from napari_jointattn.engine.training import train
 
     recipe = {**RECIPE, **(recipe or {})}
@@ -195,9 +195,9 @@ def one_run(model_name: str, task: str, seed: int, device: str = "auto", recipe:
 
 
 def eval_knockout(model, data: dict, device: str) -> dict:
-    """Every module, then all at once, knocked out on the evaluation pixels (engine.knockout)."""
-    from napari_jointattn.engine.inference import segment
-    from napari_jointattn.engine.knockout import knockout_from
+    """Every module, then all at once, knocked out on the evaluation pixels (engine.evaluation.knockout)."""
+    from napari_jointattn.engine.evaluation.knockout import knockout_from
+    from napari_jointattn.engine.inference.segment import segment
 
     image, truth, slab = data["eval"][0]
     if slab is None:
@@ -429,10 +429,10 @@ def figure(out: Path, query: tuple[int, int] = (120, 150)) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     import train_presets as tp
+
     from napari_jointattn import load_model
-    from napari_jointattn.engine.normalize import normalize
+    from napari_jointattn.engine.io.normalize import normalize
 
     model = load_model("nuclei")
     image = tp.nuclei_data()["eval_image"].astype(np.float32)
@@ -506,7 +506,7 @@ def main(argv=None) -> int:
                  set(args.models) if args.models else None, extra, recipe=args.recipe)
         return 0
     if args.cmd == "one":
-        from napari_jointattn.engine.files import write_bytes_atomic
+        from napari_jointattn.engine.io.files import write_bytes_atomic
 
         torch.set_num_threads(args.threads)
         record = one_run(args.model, args.task, args.seed, args.device, {**RECIPES[args.recipe], **overrides},
@@ -520,7 +520,7 @@ def main(argv=None) -> int:
         return 0
     from _report import update_section
 
-    from napari_jointattn.engine.files import write_bytes_atomic
+    from napari_jointattn.engine.io.files import write_bytes_atomic
 
     if args.cmd == "report-fair":
         text = fair_report(load_results(args.results))

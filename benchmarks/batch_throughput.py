@@ -41,7 +41,7 @@ def write_inputs(folder: Path, n: int) -> None:
 
 
 def run(folder: Path, out: Path, workers: int | None, model: str) -> dict:
-    from napari_jointattn.engine.cluster import segment_files
+    from napari_jointattn.engine.scale.cluster import segment_files
 
     if workers is None:
         t0 = time.perf_counter()
@@ -58,7 +58,7 @@ def run(folder: Path, out: Path, workers: int | None, model: str) -> dict:
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
                           silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
             # start-up: the workers, then the model loaded once in each
-            from napari_jointattn.engine.cluster import _worker_model
+            from napari_jointattn.engine.scale.cluster import _worker_model
 
             client.run(_worker_model, model)
             start = time.perf_counter() - t0
@@ -94,8 +94,8 @@ def scheduler_rate(n: int, workers: int = 2) -> dict:
 
 def model_load() -> dict:
     """What each worker pays once: loading the model file (after the imports)."""
-    from napari_jointattn.engine.metadata import preset_path
-    from napari_jointattn.engine.models import load_model
+    from napari_jointattn.engine.models.metadata import preset_path
+    from napari_jointattn.engine.models.model import load_model
 
     load_model("nuclei")  # imports
     t0 = time.perf_counter()
@@ -112,12 +112,15 @@ def stages(size: int = 2048, model_name: str = "nuclei") -> dict:
 
     import tifffile
 
-    from napari_jointattn.engine.imageio import read_image, write_labels
-    from napari_jointattn.engine.inference import band_classes, band_instances, predict_slice
-    from napari_jointattn.engine.models import load_model
-    from napari_jointattn.engine.normalize import normalize
-
     import napari_jointattn
+    from napari_jointattn.engine.inference.segment import (
+        band_classes,
+        band_instances,
+        predict_slice,
+    )
+    from napari_jointattn.engine.io.images import read_image, write_labels
+    from napari_jointattn.engine.io.normalize import normalize
+    from napari_jointattn.engine.models.model import load_model
 
     base = tifffile.imread(Path(napari_jointattn.__file__).with_name("samples") / "nuclei_dsb2018.tif")
     reps = size // base.shape[0] + 1

@@ -44,7 +44,7 @@ class _ProbabilityNet:
 
 
 def runtimes(model, onnx_path: Path, threads: int, which: list[str]) -> dict:
-    from napari_jointattn.engine.export import export_net
+    from napari_jointattn.engine.models.export import export_net
 
     nets = {}
     if "eager" in which:
@@ -55,8 +55,8 @@ def runtimes(model, onnx_path: Path, threads: int, which: list[str]) -> dict:
         compiled = torch.compile(exported, dynamic=False)  # windows have one shape per run
         nets["compile"] = _ProbabilityNet(lambda x: compiled(torch.from_numpy(x)).numpy())
     if "onnxruntime" in which:  # the network segment() runs with NAPARI_JOINTATTN_CPU_RUNTIME=onnxruntime
-        from napari_jointattn.engine.export import onnx_session
-        from napari_jointattn.engine.runtime import OrtNetwork
+        from napari_jointattn.engine.inference.runtime import OrtNetwork
+        from napari_jointattn.engine.models.export import onnx_session
 
         nets["onnxruntime"] = OrtNetwork(onnx_session(onnx_path), "benchmark")
     if "openvino" in which:
@@ -74,7 +74,7 @@ def runtimes(model, onnx_path: Path, threads: int, which: list[str]) -> dict:
 
 def segment_with(image, model, net):
     """``segment()`` with its network replaced by ``net`` (None: its own)."""
-    from napari_jointattn.engine import inference
+    from napari_jointattn.engine.inference import segment as inference
 
     if net is None:
         return inference.segment(image, model, device="cpu")
@@ -103,8 +103,8 @@ def main() -> None:
     from _images import blobs
     from monai.networks.nets import AttentionUnet
 
-    from napari_jointattn.engine.export import export_model
-    from napari_jointattn.engine.models import load_model
+    from napari_jointattn.engine.models.export import export_model
+    from napari_jointattn.engine.models.model import load_model
 
     threads = torch.get_num_threads()
     model = load_model(args.model)

@@ -40,7 +40,7 @@ def _run(rank: int, world: int, threads: int, port: int, opts: dict, out: str) -
     if world > 1:
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from napari_jointattn.engine.models import new_model
+    from napari_jointattn.engine.models.model import new_model
     from napari_jointattn.engine.training import distributed, train
 
     image, labels = _image()

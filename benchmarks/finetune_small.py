@@ -210,7 +210,7 @@ def main(argv=None) -> list[dict]:
                            seed=seed, device="cpu", **budget, **overrides)
             wall = time.perf_counter() - t
             if args.keep:
-                from napari_jointattn.engine.models import save_model
+                from napari_jointattn.engine.models.model import save_model
 
                 args.keep.mkdir(parents=True, exist_ok=True)
                 save_model(result.model, args.keep / f"{args.task}-{start}-s{seed}.safetensors")

@@ -277,7 +277,7 @@ def main(argv=None) -> dict:
     text = table(results)
     print(text)
     if args.json:
-        from napari_jointattn.engine.files import write_bytes_atomic
+        from napari_jointattn.engine.io.files import write_bytes_atomic
 
         write_bytes_atomic(args.json, json.dumps(results, indent=2).encode())
     if args.write_docs:

@@ -211,7 +211,7 @@ class Ours:
     name = "ours"
 
     def __init__(self, task: str, image: np.ndarray, seed: int, seconds: float, steps: int | None = None) -> None:
-        from napari_jointattn.engine.live import LiveTrainer
+        from napari_jointattn.engine.training.live import LiveTrainer
 
         self.image, self.seconds, self.steps = image, seconds, steps
         spec = TASKS.get(task, TASKS["skin"])
@@ -321,7 +321,7 @@ def run(task: str, image: np.ndarray, truth: np.ndarray, method: str, seed: int,
 
 def region_window(method: str, m: Ours, ann: Annotator, rng, window: int) -> dict:
     """Where the next stroke goes: the most uncertain window, or a random one (same rules)."""
-    from napari_jointattn.engine.uncertainty import _box_means, entropy, rank_regions
+    from napari_jointattn.engine.training.uncertainty import _box_means, entropy, rank_regions
 
     h, w = ann.truth.shape
     size = min(window, h, w)

@@ -25,7 +25,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "scripts")]
 def nuclei() -> dict:
     import tifffile
 
-    from napari_jointattn.engine.evaluation import evaluate
+    from napari_jointattn.engine.evaluation.evaluate import evaluate
 
     data = Path(importlib.util.find_spec("stardist").origin).parent / "data" / "images"
     image, labels = tifffile.imread(data / "img2d.tif"), tifffile.imread(data / "mask2d.tif")
@@ -35,7 +35,7 @@ def nuclei() -> dict:
 def brain() -> dict:
     from train_presets import brain_data
 
-    from napari_jointattn.engine.evaluation import evaluate
+    from napari_jointattn.engine.evaluation.evaluate import evaluate
 
     vol, lab, slab = brain_data()["nilearn"][:3]
     return evaluate("brain-mri", [vol[:, :, slab]], [lab[:, :, slab]], axis=2, knockout=True,

@@ -59,7 +59,7 @@ def start_model(key: str, folder: Path) -> str:
     """A model key for the dock: a preset or file as given, or a freshly initialised network."""
     if key != "untrained":
         return key
-    from napari_jointattn.engine.models import new_model, save_model
+    from napari_jointattn.engine.models.model import new_model, save_model
 
     return str(save_model(new_model("nuclei", seed=0, name="untrained"), folder / "untrained.safetensors"))
 

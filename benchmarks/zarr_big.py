@@ -63,7 +63,7 @@ def run_reference(size: int, model: str) -> dict:
     """In this process: ``segment()`` on a size x size array in memory, made like the Zarr input."""
     import zarr
 
-    from napari_jointattn.engine.inference import segment
+    from napari_jointattn.engine.inference.segment import segment
 
     folder = Path(tempfile.mkdtemp(prefix="zarr_ref_"))
     try:
@@ -83,7 +83,7 @@ def run_reference(size: int, model: str) -> dict:
 
 def run_one(size: int, block: int, folder: Path, model: str) -> dict:
     """In this process: write the input, segment it, report time and peak RSS."""
-    from napari_jointattn.engine.zarrseg import segment_zarr
+    from napari_jointattn.engine.scale.zarrseg import segment_zarr
 
     src, dst = folder / f"in{size}.zarr", folder / f"out{size}.zarr"
     t0 = time.perf_counter()

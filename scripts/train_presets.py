@@ -16,7 +16,7 @@ along all three axes. An axial slab (world z in [8, 24) mm) is held out in
 every orientation and used only for the final scores.
 
 Both recipes record what the preset was trained on (modality, 2-D/3-D,
-channels, dtype, raw-intensity percentiles: ``engine/fit.py``) in the file's
+channels, dtype, raw-intensity percentiles: ``engine/models/fit.py``) in the file's
 ``provenance.data_statistics``; ``--record-statistics`` recomputes that record
 from the same data and writes it into an existing preset file without
 retraining (the weights stay byte for byte; deterministic).
@@ -92,7 +92,7 @@ def statistics(preset: str, images) -> dict:
     """``provenance.data_statistics`` of a preset: ``data_statistics`` of its training images, with provenance."""
     from importlib.metadata import version
 
-    from napari_jointattn.engine.fit import data_statistics
+    from napari_jointattn.engine.models.fit import data_statistics
 
     # the nuclei stack is a z-stack of 2-D images, trained and normalised plane by plane
     stats = data_statistics(images, modality=MODALITY[preset], dims=2 if preset == "nuclei" else None)
@@ -110,7 +110,7 @@ def training_images(preset: str, fsl_labels: str = "full") -> list:
 
 def record_statistics(preset: str, out_dir: Path) -> dict:
     """Write ``provenance.data_statistics`` into an existing preset file (weights unchanged)."""
-    from napari_jointattn.engine.metadata import read_metadata, write_metadata
+    from napari_jointattn.engine.models.metadata import read_metadata, write_metadata
 
     path = out_dir / f"{preset}.safetensors"
     meta = read_metadata(path)
@@ -128,16 +128,16 @@ def progress(info):
 
 
 def nuclei(args, out_dir: Path) -> dict:
-    from napari_jointattn.engine.metrics import match_instances
-    from napari_jointattn.engine.inference import segment
+    from napari_jointattn.engine.evaluation.evaluate import evaluate
+    from napari_jointattn.engine.evaluation.metrics import match_instances
+    from napari_jointattn.engine.inference.segment import segment
     from napari_jointattn.engine.training import train
-    from napari_jointattn.engine.evaluation import evaluate
 
     data = nuclei_data()
     image, labels, train_mask, tune = data["image"], data["labels"], data["mask"], data["tune"]
 
     out = out_dir / "nuclei.safetensors"
-    from napari_jointattn.engine.models import new_model
+    from napari_jointattn.engine.models.model import new_model
 
     # always from scratch: the recipe must not depend on weights already bundled
     result = train(
@@ -199,7 +199,7 @@ def nuclei(args, out_dir: Path) -> dict:
             "recall": scores["recall"],
         },
     }
-    from napari_jointattn.engine.models import save_model
+    from napari_jointattn.engine.models.model import save_model
 
     save_model(model, out)
     summary = {"path": str(out), "best_val_dice": result.best_dice, "best_epoch": result.best_epoch,
@@ -287,9 +287,9 @@ def brain_training_set(data: dict, fsl_labels: str = "full", templates=("fsl", "
 
 
 def brain(args, out_dir: Path) -> dict:
-    from napari_jointattn.engine.inference import segment
-    from napari_jointattn.engine.metrics import confusion, overlap_scores
-    from napari_jointattn.engine.models import save_model
+    from napari_jointattn.engine.evaluation.metrics import confusion, overlap_scores
+    from napari_jointattn.engine.inference.segment import segment
+    from napari_jointattn.engine.models.model import save_model
     from napari_jointattn.engine.training import train
 
     data = brain_data()
@@ -299,7 +299,7 @@ def brain(args, out_dir: Path) -> dict:
                              "probability is >= 0.75",
                 "full": "the same maps resampled, background outside the brain mask"}[args.fsl_labels]
 
-    from napari_jointattn.engine.models import new_model
+    from napari_jointattn.engine.models.model import new_model
 
     # always from scratch: the recipe must not depend on weights already bundled
     result = train(

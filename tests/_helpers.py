@@ -36,7 +36,7 @@ def simulate_cuda_oom(monkeypatch, tiles=None):
     """
     import torch
 
-    from napari_jointattn.engine import inference
+    from napari_jointattn.engine.inference import segment as inference
 
     real = inference.predict_slice
 

@@ -36,7 +36,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from napari_jointattn import segment
     from napari_jointattn.cli import main as cli
-    from napari_jointattn.engine.models import new_model
+    from napari_jointattn.engine.models.model import new_model
     from napari_jointattn.model import DenseUNetConfig
 
     tiny = DenseUNetConfig(stem_channels=8, growth=4, block_layers=(1, 1), decoder_channels=(8, 8, 8),

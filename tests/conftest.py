@@ -24,7 +24,7 @@ def _onnx_cache(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _isolated_onnx_cache(_onnx_cache, monkeypatch):
     """The CPU runtime's exported graphs go to one folder for the run, never the user's cache."""
-    from napari_jointattn.engine import runtime
+    from napari_jointattn.engine.inference import runtime
 
     monkeypatch.setattr(runtime, "cache_folder", lambda: _onnx_cache)
 
@@ -59,7 +59,7 @@ def blobs():
 @pytest.fixture
 def saved_model(tmp_path):
     """A randomly initialised nuclei-architecture model saved to a file."""
-    from napari_jointattn.engine.models import new_model, save_model
+    from napari_jointattn.engine.models.model import new_model, save_model
 
     model = new_model("nuclei", seed=0)
     return save_model(model, tmp_path / "random.safetensors")

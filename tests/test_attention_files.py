@@ -8,7 +8,7 @@ import pytest
 import tifffile
 
 from napari_jointattn.cli import main
-from napari_jointattn.engine.models import new_model, save_model
+from napari_jointattn.engine.models.model import new_model, save_model
 from napari_jointattn.model import DenseUNetConfig
 
 #: one joint module (1/16): three maps, pointwise, mix and the effect
@@ -95,7 +95,7 @@ def test_plan_names_nifti_attention_outputs_like_the_files_written(tmp_path):
     later run over the folder recognises them as outputs, not images."""
     from pathlib import Path
 
-    from napari_jointattn.engine.batch import is_output_name, output_paths
+    from napari_jointattn.engine.scale.batch import is_output_name, output_paths
 
     paths = output_paths(Path("brain.nii.gz"), tmp_path, ["joint 1/8"])
     assert [p.name for p in paths] == ["brain_labels.nii.gz", "brain_attention_joint-1-8.nii.gz"]

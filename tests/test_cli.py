@@ -38,7 +38,7 @@ def test_segment_tiff_folder_with_attention(tmp_path, saved_model, blobs, capsys
 
 
 def test_segment_nifti_keeps_geometry(tmp_path, capsys):
-    from napari_jointattn.engine.models import new_model, save_model
+    from napari_jointattn.engine.models.model import new_model, save_model
 
     model = save_model(new_model("brain-mri", seed=0), tmp_path / "brain.safetensors")
     vol = np.random.rand(20, 24, 6).astype(np.float32)
@@ -125,7 +125,7 @@ def test_labels_are_int32_in_files_and_from_the_api(tmp_path, blobs, capsys):
 
 
 def save_model_file(folder, preset):
-    from napari_jointattn.engine.models import new_model, save_model
+    from napari_jointattn.engine.models.model import new_model, save_model
 
     return save_model(new_model(preset, seed=0), folder / f"{preset}.safetensors")
 
@@ -133,7 +133,7 @@ def save_model_file(folder, preset):
 def test_api_names_resolve_lazily():
     import napari_jointattn
 
-    assert napari_jointattn.segment.__module__ == "napari_jointattn.engine.inference"
+    assert napari_jointattn.segment.__module__ == "napari_jointattn.engine.inference.segment"
     assert set(napari_jointattn.__all__) <= set(dir(napari_jointattn))
     with pytest.raises(AttributeError):
         napari_jointattn.no_such_name  # noqa: B018

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_jointattn.engine.batch import JobResult
-from napari_jointattn.engine.cluster import segment_files
+from napari_jointattn.engine.scale.batch import JobResult
+from napari_jointattn.engine.scale.cluster import segment_files
 
 distributed = pytest.importorskip("distributed")
 
@@ -94,7 +94,7 @@ def test_a_broken_input_fails_alone(folder, tmp_path):
 
 
 def test_partial_outputs_of_an_interrupted_run_are_named(folder, tmp_path, saved_model):
-    from napari_jointattn.engine.batch import plan_segment
+    from napari_jointattn.engine.scale.batch import plan_segment
 
     out = tmp_path / "out"
     out.mkdir()

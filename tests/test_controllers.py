@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from napari_jointattn.engine.errors import BadInputError
-from napari_jointattn.engine.models import new_model, save_model
+from napari_jointattn.engine.models.model import new_model, save_model
 
 napari = pytest.importorskip("napari")
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from napari_jointattn import load_model
-from napari_jointattn.engine.models import new_model
+from napari_jointattn.engine.models.model import new_model
 from napari_jointattn.engine.training import train
 
 SETTINGS = dict(epochs=2, steps_per_epoch=2, batch_size=4, crop=64, val_every=100, patience=10,

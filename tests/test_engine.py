@@ -10,19 +10,14 @@ import torch
 from _helpers import rewrite_metadata, simulate_cuda_oom
 
 from napari_jointattn import BadInputError, Cancelled, evaluate, load_model, segment
-from napari_jointattn.engine import imageio
-from napari_jointattn.engine.inference import count_windows, prepare_channels
+from napari_jointattn.engine.evaluation.metrics import confusion, match_instances, overlap_scores
+from napari_jointattn.engine.inference.postprocess import split_instances
+from napari_jointattn.engine.inference.segment import count_windows, prepare_channels
+from napari_jointattn.engine.io import images as imageio
+from napari_jointattn.engine.io.normalize import normalize
 from napari_jointattn.engine.labels import to_classes
-from napari_jointattn.engine.metrics import confusion, match_instances, overlap_scores
-from napari_jointattn.engine.models import (
-    META_KEY,
-    new_model,
-    read_metadata,
-    resolve_model,
-    save_model,
-)
-from napari_jointattn.engine.normalize import normalize
-from napari_jointattn.engine.postprocess import split_instances
+from napari_jointattn.engine.models.metadata import read_metadata
+from napari_jointattn.engine.models.model import META_KEY, new_model, resolve_model, save_model
 from napari_jointattn.model import AttentionKey
 
 
@@ -231,7 +226,7 @@ def test_segment_cancel(blobs):
 
 def test_cuda_oom_halves_tile_then_falls_back_to_cpu(blobs, monkeypatch):
     """Simulated: a fake CUDA device whose forward raises out-of-memory."""
-    from napari_jointattn.engine import inference as seg
+    from napari_jointattn.engine.inference import segment as seg
 
     image, _ = blobs
     tiles = []
@@ -254,7 +249,11 @@ def test_split_instances_separates_touching_disks():
 
 
 def test_small_objects_and_sequential_ids():
-    from napari_jointattn.engine.postprocess import classify, relabel_sequential, remove_small
+    from napari_jointattn.engine.inference.postprocess import (
+        classify,
+        relabel_sequential,
+        remove_small,
+    )
 
     labels = np.zeros((6, 20), np.int32)
     labels[0, :4] = 3  # 4 pixels
@@ -299,7 +298,7 @@ def test_model_roundtrip(tmp_path, blobs):
 
 
 def test_save_is_atomic(tmp_path, monkeypatch):
-    from napari_jointattn.engine import files
+    from napari_jointattn.engine.io import files
 
     path = tmp_path / "m.safetensors"
     save_model(new_model("nuclei", seed=0), path)
@@ -438,8 +437,8 @@ def test_instance_matching_is_one_to_one_at_iou_exactly_one_half():
 def test_evaluate_perfect_model(blobs, tmp_path, monkeypatch):
     image, labels = blobs
     model = new_model("nuclei")
-    from napari_jointattn.engine import evaluation as ev
-    from napari_jointattn.engine.inference import Segmentation
+    from napari_jointattn.engine.evaluation import evaluate as ev
+    from napari_jointattn.engine.inference.segment import Segmentation
 
     # a model that returns the truth exactly: scores must be perfect
     monkeypatch.setattr(ev, "segment", lambda *a, **k: Segmentation(labels=labels, instances=True))
@@ -473,7 +472,7 @@ def test_evaluate_prints_no_deprecation_warning(blobs):
 
     from monai.metrics import compute_hausdorff_distance
 
-    from napari_jointattn.engine.metrics import hd95
+    from napari_jointattn.engine.evaluation.metrics import hd95
 
     image, labels = blobs
     with warnings.catch_warnings(record=True) as caught:
@@ -497,7 +496,7 @@ def test_evaluate_prints_no_deprecation_warning(blobs):
 
 @pytest.mark.parametrize("h,w,band", [(1000, 300, 20_000), (4096, 4096, 2**20), (77, 5000, 10_000), (50, 50, 10**6)])
 def test_plane_bands_cover_every_row_once(h, w, band):
-    from napari_jointattn.engine.inference import plane_bands
+    from napari_jointattn.engine.inference.segment import plane_bands
 
     bands = plane_bands(h, w, band, 16)
     covered = np.zeros(h, int)
@@ -512,7 +511,7 @@ def test_plane_bands_cover_every_row_once(h, w, band):
 
 def test_banded_segmentation_matches_whole_plane(monkeypatch):
     """A huge plane is processed in row bands; the result matches one pass over the whole plane."""
-    from napari_jointattn.engine import inference
+    from napari_jointattn.engine.inference import segment as inference
 
     model = load_model("nuclei")
     rng = np.random.default_rng(1)
@@ -536,7 +535,7 @@ def test_banded_segmentation_matches_whole_plane(monkeypatch):
 # ------------------------------------------------------ steps of segment()
 def test_segment_steps_compose_to_segment(blobs):
     """prepare_input -> predict_band -> band_classes/band_instances -> Assembly is segment()."""
-    from napari_jointattn.engine import inference as inf
+    from napari_jointattn.engine.inference import segment as inf
 
     image, _ = blobs
     model = load_model("nuclei")
@@ -624,7 +623,7 @@ def _disk_stack():
 
 
 def test_query_on_a_stack_uses_the_clicked_slice():
-    from napari_jointattn.engine.query import AttentionQuery
+    from napari_jointattn.engine.inference.query import AttentionQuery
 
     stack = _disk_stack()
     q = AttentionQuery("nuclei", stack, tile=64)
@@ -656,7 +655,7 @@ def test_query_during_a_segment_run_does_not_move_its_network(blobs):
     network segment() is using (the shared model's network is never moved)."""
     import threading
 
-    from napari_jointattn.engine.query import AttentionQuery
+    from napari_jointattn.engine.inference.query import AttentionQuery
 
     image, _ = blobs
     model = load_model("nuclei")
@@ -689,7 +688,7 @@ def test_concurrent_segment_and_queries_in_threads(blobs):
     """Segment runs and queries in several threads at once give the results they give alone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from napari_jointattn.engine.query import AttentionQuery
+    from napari_jointattn.engine.inference.query import AttentionQuery
 
     image, _ = blobs
     model = load_model("nuclei")
@@ -711,7 +710,7 @@ def test_atomic_writes_never_change_the_process_umask(tmp_path, monkeypatch):
     import os
     import stat
 
-    from napari_jointattn.engine import files
+    from napari_jointattn.engine.io import files
 
     def forbidden(*_):
         raise AssertionError("os.umask called while writing")
@@ -726,7 +725,7 @@ def test_atomic_writes_never_change_the_process_umask(tmp_path, monkeypatch):
 
 
 def test_inference_network_never_moves_or_switches_the_shared_network():
-    from napari_jointattn.engine.placement import inference_network, release
+    from napari_jointattn.engine.inference.placement import inference_network, release
 
     model = new_model("nuclei", seed=0)
     net = model.net.train()  # e.g. being fine-tuned
@@ -764,14 +763,13 @@ def test_progress_reaches_its_total_whatever_the_batch_size(batch_size):
 def test_knockout_reports_what_each_attention_module_changes(blobs):
     """evaluate(knockout=True): a module with gamma 0 changes nothing; one that acts changes pixels,
     and knocking every module out equals setting every gamma to 0."""
-    import torch
-
-    from napari_jointattn.engine.evaluation import evaluate
-    from napari_jointattn.engine.knockout import ALL
-
     import copy
 
-    from napari_jointattn.engine.models import load_model
+    import torch
+
+    from napari_jointattn.engine.evaluation.evaluate import evaluate
+    from napari_jointattn.engine.evaluation.knockout import ALL
+    from napari_jointattn.engine.models.model import load_model
 
     image, labels = blobs
     model = copy.deepcopy(load_model("nuclei"))  # the preset, made to lean on one module
@@ -797,8 +795,8 @@ def test_query_weight_is_gamma_times_the_mixing_weight_at_the_pixel(blobs):
 
     import torch
 
-    from napari_jointattn.engine.models import load_model
-    from napari_jointattn.engine.query import AttentionQuery
+    from napari_jointattn.engine.inference.query import AttentionQuery
+    from napari_jointattn.engine.models.model import load_model
 
     image, _ = blobs
     model = copy.deepcopy(load_model("nuclei"))
@@ -812,7 +810,7 @@ def test_query_weight_is_gamma_times_the_mixing_weight_at_the_pixel(blobs):
 
 
 def test_segment_with_attention_says_how_many_labels_depend_on_it(blobs):
-    from napari_jointattn.engine.knockout import describe_share
+    from napari_jointattn.engine.evaluation.knockout import describe_share
 
     image, _ = blobs
     model = new_model("nuclei", seed=0)

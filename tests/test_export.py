@@ -1,4 +1,4 @@
-"""Model export (engine/export.py, ``napari-jointattn export``, docs/export.md).
+"""Model export (engine/models/export.py, ``napari-jointattn export``, docs/export.md).
 
 A tiny network (as in test_robustness.py) keeps the default run short; the ``nuclei`` preset
 is checked under ``-m slow``. The snippets of docs/export.md are extracted and run here.
@@ -18,14 +18,15 @@ import pytest
 import tifffile
 import torch
 
+import napari_jointattn
 from napari_jointattn import segment
 from napari_jointattn.cli import main
-from napari_jointattn.engine import export as ex
 from napari_jointattn.engine.errors import BadInputError
-from napari_jointattn.engine.inference import predict_slice
-from napari_jointattn.engine.models import new_model, save_model
-from napari_jointattn.engine.normalize import normalize
-from napari_jointattn.engine.postprocess import split_instances
+from napari_jointattn.engine.inference.postprocess import split_instances
+from napari_jointattn.engine.inference.segment import predict_slice
+from napari_jointattn.engine.io.normalize import normalize
+from napari_jointattn.engine.models import export as ex
+from napari_jointattn.engine.models.model import new_model, save_model
 from napari_jointattn.model import DenseUNetConfig
 
 pytest.importorskip("onnx")
@@ -34,7 +35,7 @@ pytest.importorskip("onnxruntime")
 TINY = DenseUNetConfig(stem_channels=8, growth=4, block_layers=(1, 1), decoder_channels=(8, 8, 8),
                        head_channels=4, attention_dim=8, attention_levels=(1,))
 DOC = Path(__file__).resolve().parents[1] / "docs" / "export.md"
-SAMPLE = Path(ex.__file__).resolve().parents[1] / "samples" / "nuclei_dsb2018.tif"
+SAMPLE = Path(napari_jointattn.__file__).resolve().parent / "samples" / "nuclei_dsb2018.tif"
 SIZES = [(256, 256), (384, 320)]
 #: the export's own checks, test tensors and cover use this crop of the sample (small: fast)
 SMALL = (slice(200, 264), slice(180, 260))
@@ -290,7 +291,7 @@ def test_export_help_does_not_import_torch():
 # ------------------------------------------------------------------ the real preset (slow)
 @pytest.mark.slow
 def test_nuclei_preset_exports(tmp_path, raw):
-    from napari_jointattn.engine.models import load_model
+    from napari_jointattn.engine.models.model import load_model
 
     nuclei = load_model("nuclei")
     onnx_result = ex.export_model(nuclei, "onnx", tmp_path / "nuclei.onnx")

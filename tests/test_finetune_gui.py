@@ -5,7 +5,7 @@ import time
 import numpy as np
 import pytest
 
-from napari_jointattn.engine.models import load_model, new_model, save_model
+from napari_jointattn.engine.models.model import load_model, new_model, save_model
 
 pytest.importorskip("napari")
 

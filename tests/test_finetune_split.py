@@ -11,14 +11,9 @@ import numpy as np
 import pytest
 
 from napari_jointattn.cli import main
-from napari_jointattn.engine.models import load_model, new_model
-from napari_jointattn.engine.split import GAP_PIXELS, GAP_SLICES, MIN_GAP_PIXELS
-from napari_jointattn.engine.training import (
-    CropCentres,
-    build_samples,
-    train,
-    validation_dice,
-)
+from napari_jointattn.engine.models.model import load_model, new_model
+from napari_jointattn.engine.training import CropCentres, build_samples, train, validation_dice
+from napari_jointattn.engine.training.split import GAP_PIXELS, GAP_SLICES, MIN_GAP_PIXELS
 
 FAST = dict(epochs=2, steps_per_epoch=3, batch_size=2, crop=64, device="cpu")
 
@@ -281,7 +276,7 @@ def test_cli_prints_a_warning_when_nothing_improved(blobs, tmp_path, capsys):
 def test_threshold_is_calibrated_on_the_validation_pixels(monkeypatch):
     import torch
 
-    from napari_jointattn.engine import inference
+    from napari_jointattn.engine.inference import segment as inference
     from napari_jointattn.engine.training import calibrate_threshold
 
     image, labels = disk_image([(48, 100)], radius=10)

@@ -9,9 +9,9 @@ import pytest
 import tifffile
 
 from napari_jointattn.cli import main
-from napari_jointattn.engine.fit import check_fit, data_statistics, layout, suggest_model
-from napari_jointattn.engine.imageio import read_image
-from napari_jointattn.engine.models import load_model, new_model, save_model
+from napari_jointattn.engine.io.images import read_image
+from napari_jointattn.engine.models.fit import check_fit, data_statistics, layout, suggest_model
+from napari_jointattn.engine.models.model import load_model, new_model, save_model
 from napari_jointattn.model import DenseUNetConfig
 
 SAMPLES = Path(__file__).resolve().parent.parent / "src" / "napari_jointattn" / "samples"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_jointattn.engine.models import new_model, save_model
+from napari_jointattn.engine.models.model import new_model, save_model
 
 pytest.importorskip("napari")
 
@@ -349,7 +349,7 @@ def test_a_layer_bigger_than_memory_is_segmented_into_a_zarr_store(qtbot, dock, 
     """A multiscale layer over the lazy threshold: blocks into a store, a lazily opened labels layer."""
     zarr = pytest.importorskip("zarr")
     from napari_jointattn.controllers import layers as layers_mod
-    from napari_jointattn.engine.zarrseg import segment_zarr, store_state
+    from napari_jointattn.engine.scale.zarrseg import segment_zarr, store_state
 
     monkeypatch.setattr(layers_mod, "LAZY_PIXELS", 100_000)
     rng = np.random.default_rng(0)

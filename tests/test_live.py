@@ -7,12 +7,12 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from _helpers import disks
+
 from napari_jointattn.engine.errors import BadInputError
-from napari_jointattn.engine.live import LiveTrainer
-from napari_jointattn.engine.models import new_model
-from napari_jointattn.engine.uncertainty import entropy, rank_regions
+from napari_jointattn.engine.models.model import new_model
+from napari_jointattn.engine.training.live import LiveTrainer
+from napari_jointattn.engine.training.uncertainty import entropy, rank_regions
 from napari_jointattn.model.denseunet import DenseUNetConfig
 
 TINY = DenseUNetConfig(stem_channels=8, growth=4, block_layers=(1, 1), decoder_channels=(8, 8, 8),
@@ -128,7 +128,7 @@ def test_rank_regions_finds_the_unsure_patch_skips_annotated_ones_and_does_not_o
 
 
 def test_branch_disagreement_is_zero_where_branches_agree_and_needs_a_joint_model():
-    from napari_jointattn.engine.uncertainty import disagreement
+    from napari_jointattn.engine.training.uncertainty import disagreement
 
     a = np.array([[[1.0, 0.5]], [[0.0, 0.5]]])
     b = np.array([[[0.0, 0.5]], [[1.0, 0.5]]])

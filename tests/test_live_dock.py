@@ -4,10 +4,10 @@ import time
 
 import numpy as np
 import pytest
-
 from _helpers import disks
+
 from napari_jointattn.engine.errors import BadInputError
-from napari_jointattn.engine.models import load_model, new_model, save_model
+from napari_jointattn.engine.models.model import load_model, new_model, save_model
 from napari_jointattn.model.denseunet import DenseUNetConfig
 
 napari = pytest.importorskip("napari")
@@ -113,7 +113,7 @@ def test_live_controller_learns_from_painted_pixels_and_saves_a_version(viewer, 
     saved = load_model(outcome.path)
     assert saved.provenance["parent"] == "tiny" and saved.provenance["training"]["mode"] == "live"
     assert saved.provenance["layers"] == [{"image": "cells", "labels": "cells labels"}]
-    from napari_jointattn.engine.versions import list_versions
+    from napari_jointattn.engine.models.versions import list_versions
 
     assert [p for p, _ in list_versions()] == [outcome.path]
 
@@ -411,7 +411,7 @@ def test_next_ranks_by_branch_disagreement_or_entropy(viewer, tiny_file, model_d
     import torch
 
     from napari_jointattn.controllers.live import DISAGREEMENT, ENTROPY
-    from napari_jointattn.engine.uncertainty import entropy, rank_regions
+    from napari_jointattn.engine.training.uncertainty import entropy, rank_regions
 
     image, _ = _disks(96, 96)
     viewer.add_image(image, name="cells")

@@ -10,7 +10,8 @@ import pytest
 from _helpers import rewrite_metadata
 
 from napari_jointattn import BadInputError
-from napari_jointattn.engine.metadata import (
+from napari_jointattn.engine.io.normalize import Normalization
+from napari_jointattn.engine.models.metadata import (
     META_KEY,
     Postprocess,
     describe_file,
@@ -19,8 +20,7 @@ from napari_jointattn.engine.metadata import (
     validate_metadata,
     write_metadata,
 )
-from napari_jointattn.engine.models import load_model, new_model, save_model
-from napari_jointattn.engine.normalize import Normalization
+from napari_jointattn.engine.models.model import load_model, new_model, save_model
 from napari_jointattn.model import DenseUNetConfig
 
 TINY = DenseUNetConfig(stem_channels=8, growth=4, block_layers=(1, 1), decoder_channels=(8, 8, 8),
@@ -186,7 +186,7 @@ def test_write_metadata_keeps_the_weights_byte_for_byte(tiny_file, tmp_path):
 
 
 def test_metadata_module_does_not_import_torch(tiny_file):
-    code = ("import sys; from napari_jointattn.engine.metadata import list_models, read_metadata; "
+    code = ("import sys; from napari_jointattn.engine.models.metadata import list_models, read_metadata; "
             f"read_metadata({str(tiny_file)!r}); rows = list_models(); "
             "assert [r['name'] for r in rows][:2] == ['nuclei', 'brain-mri'], rows; "
             "assert all(r['error'] is None for r in rows), rows; "

@@ -19,15 +19,15 @@ import signal
 import nibabel as nib
 import numpy as np
 import pytest
-from _helpers import nifti_bomb, png_bomb, rewrite_metadata, rewrite_tensors, run_limited, tiff_bomb
 import tifffile
+from _helpers import nifti_bomb, png_bomb, rewrite_metadata, rewrite_tensors, run_limited, tiff_bomb
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from napari_jointattn import BadInputError, segment
 from napari_jointattn.cli import main
-from napari_jointattn.engine.models import META_KEY, new_model, save_model
+from napari_jointattn.engine.models.model import META_KEY, new_model, save_model
 from napari_jointattn.model import DenseUNetConfig
 
 TINY = DenseUNetConfig(stem_channels=8, growth=4, block_layers=(1, 1), decoder_channels=(8, 8, 8),
@@ -357,7 +357,7 @@ def test_rgb_near_float32_max_is_not_lost(tiny_model):
     arr[10:20, 10:20] = 1e37
     result = segment(arr, tiny_model, device="cpu", tile=64)
     assert result.labels.shape == (40, 50)
-    from napari_jointattn.engine.inference import prepare_channels
+    from napari_jointattn.engine.inference.segment import prepare_channels
 
     grey = prepare_channels(arr, 1)
     assert grey.dtype == np.float32 and np.isfinite(grey).all()
@@ -432,7 +432,7 @@ def test_named_output_is_not_an_input(tmp_path, instance_model_file, capsys):
 
 
 def test_plan_sees_one_folder_under_two_spellings(tmp_path, monkeypatch):
-    from napari_jointattn.engine.batch import plan_segment
+    from napari_jointattn.engine.scale.batch import plan_segment
 
     d = tmp_path / "d"
     d.mkdir()
@@ -445,7 +445,7 @@ def test_plan_sees_one_folder_under_two_spellings(tmp_path, monkeypatch):
 
 
 def test_write_without_overwrite_never_replaces(tmp_path):
-    from napari_jointattn.engine.imageio import write_labels
+    from napari_jointattn.engine.io.images import write_labels
 
     target = tmp_path / "l.tif"
     target.write_bytes(b"user data")
@@ -472,7 +472,7 @@ def test_nifti_with_few_slices_is_a_volume_not_colour(tmp_path, instance_model_f
 
 
 def test_tiff_declared_axes_beat_the_colour_rule(tmp_path, tiny_model):
-    from napari_jointattn.engine.imageio import read_image
+    from napari_jointattn.engine.io.images import read_image
 
     stack = np.random.default_rng(0).random((40, 50, 3)).astype(np.float32)
     tifffile.imwrite(tmp_path / "zyx.tif", stack, metadata={"axes": "ZYX"})
@@ -484,7 +484,7 @@ def test_tiff_declared_axes_beat_the_colour_rule(tmp_path, tiny_model):
 
 
 def test_nifti_time_series_segments_each_time_point(tmp_path, instance_model_file, capsys):
-    from napari_jointattn.engine.imageio import read_image
+    from napari_jointattn.engine.io.images import read_image
 
     series = np.random.default_rng(0).random((32, 32, 4, 3)).astype(np.float32)
     nib.save(nib.Nifti1Image(series, np.eye(4)), tmp_path / "ts.nii.gz")
@@ -506,7 +506,7 @@ def test_nifti_time_series_segments_each_time_point(tmp_path, instance_model_fil
 
 
 def test_ome_tiff_with_a_thumbnail_first_reads_the_full_image(tmp_path):
-    from napari_jointattn.engine.imageio import read_image
+    from napari_jointattn.engine.io.images import read_image
 
     full = np.random.default_rng(0).random((96, 80)).astype(np.float32)
     with tifffile.TiffWriter(tmp_path / "slide.ome.tif", ome=True) as tw:
@@ -521,8 +521,8 @@ def test_ome_tiff_with_a_thumbnail_first_reads_the_full_image(tmp_path):
 
 # ----------------------------------------------- decoded-size limits (API)
 def test_pixel_limit_is_documented_configurable_and_checked(tmp_path, monkeypatch):
-    from napari_jointattn.engine.imageio import read_image
-    from napari_jointattn.engine.limits import DEFAULT_MAX_PIXELS
+    from napari_jointattn.engine.io.images import read_image
+    from napari_jointattn.engine.io.limits import DEFAULT_MAX_PIXELS
 
     assert DEFAULT_MAX_PIXELS == 8192 * 8192
     tifffile.imwrite(tmp_path / "a.tif", np.zeros((64, 64), np.uint8))
@@ -595,7 +595,7 @@ def limited(tmp_path_factory):
         {"name": "evaluate-million-ids", "cli": ["evaluate", "--model", str(model), "--image", str(d / "big.tif"),
                                                  "--labels", str(d / "million.tif")]},
         {"name": "match-million-ids", "code": (
-            "from napari_jointattn.engine.metrics import match_instances\n"
+            "from napari_jointattn.engine.evaluation.metrics import match_instances\n"
             "t = np.arange(1, 10**6 + 1).reshape(1000, 1000)\n"
             "out = match_instances(np.roll(t, 1, axis=1), t)\n")},
         {"name": "overlap-0.999", "code": (
@@ -702,7 +702,8 @@ def test_models_json_is_strict(limited):
     (["--max-seconds", "-5"], "max_seconds"),
 ], ids=["empty-class", "256-classes", "seed", "axis", "epochs", "val-fraction", "max-seconds"])
 def test_train_arguments_are_checked_before_any_work(tmp_path, saved_model, capsys, monkeypatch, extra, says):
-    from napari_jointattn.engine import imageio, training
+    from napari_jointattn.engine import training
+    from napari_jointattn.engine.io import images as imageio
 
     def no_work(*a, **k):
         raise AssertionError("work started before the arguments were checked")
@@ -810,7 +811,7 @@ def test_longest_legal_output_name_is_written(tmp_path, instance_model_file, cap
                          tmp_path / "o"], capsys)
     assert code == 0, err
     assert [p.name for p in (tmp_path / "o").iterdir()] == [f"{stem}_labels.tif"]
-    from napari_jointattn.engine.imageio import write_labels
+    from napari_jointattn.engine.io.images import write_labels
 
     name = "v" * (255 - len(".nii.gz")) + ".nii.gz"  # 255 bytes: the most a file name may have
     write_labels(tmp_path / name, np.ones((4, 4, 2), np.uint8))
@@ -821,7 +822,7 @@ def test_longest_legal_output_name_is_written(tmp_path, instance_model_file, cap
 def test_scores_that_are_not_numbers_are_saved_as_null(tmp_path, tiny_model):
     import copy
 
-    from napari_jointattn.engine.models import read_metadata
+    from napari_jointattn.engine.models.metadata import read_metadata
 
     m = copy.deepcopy(tiny_model)
     m.scores = {"dice": float("nan"), "loss": float("inf"), "ok": 0.5}

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import napari_jointattn
-from napari_jointattn.engine import runtime
 from napari_jointattn.engine.errors import BadInputError
-from napari_jointattn.engine.inference import segment
+from napari_jointattn.engine.inference import runtime
+from napari_jointattn.engine.inference.segment import segment
 
 pytest.importorskip("onnxruntime")
 
@@ -46,7 +46,7 @@ def test_onnxruntime_gives_the_labels_pytorch_gives(image, cache, monkeypatch):
 def test_new_weights_get_their_own_graph(cache, monkeypatch):
     import torch
 
-    from napari_jointattn.engine.models import new_model
+    from napari_jointattn.engine.models.model import new_model
 
     monkeypatch.setenv(runtime.RUNTIME_ENV, "onnxruntime")
     model = new_model("nuclei", seed=0)

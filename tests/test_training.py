@@ -6,8 +6,14 @@ import tifffile
 import torch
 
 from napari_jointattn import BadInputError, load_model
-from napari_jointattn.engine.models import new_model, save_model
-from napari_jointattn.engine.training import GAP_PIXELS, GAP_SLICES, build_samples, start_model, train
+from napari_jointattn.engine.models.model import new_model, save_model
+from napari_jointattn.engine.training import (
+    GAP_PIXELS,
+    GAP_SLICES,
+    build_samples,
+    start_model,
+    train,
+)
 
 FAST = dict(epochs=2, steps_per_epoch=3, batch_size=2, crop=64, device="cpu")
 

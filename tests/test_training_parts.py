@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_jointattn.engine.errors import BadInputError
-from napari_jointattn.engine.models import new_model
+from napari_jointattn.engine.models.model import new_model
 from napari_jointattn.engine.training import TrainSettings, masked_loss, train
 from napari_jointattn.engine.training.augment import CropBatches, CropCentres
 from napari_jointattn.engine.training.data import Sample
@@ -175,7 +175,7 @@ def test_intensity_augmentation_changes_the_image_alone_and_the_seed_repeats_a_b
 
 
 def test_attention_scale_and_mixing_weights_are_not_decayed():
-    from napari_jointattn.engine.models import new_model
+    from napari_jointattn.engine.models.model import new_model
     from napari_jointattn.engine.training.schedule import optimizer
 
     net = new_model("nuclei").net

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from napari_jointattn import segment
-from napari_jointattn.engine.inference import count_windows, predict_slice
-from napari_jointattn.engine.models import load_model, new_model, save_model
-from napari_jointattn.engine.query import AttentionQuery
+from napari_jointattn.engine.inference.query import AttentionQuery
+from napari_jointattn.engine.inference.segment import count_windows, predict_slice
+from napari_jointattn.engine.models.model import load_model, new_model, save_model
 from napari_jointattn.engine.training import build_samples, train
 from napari_jointattn.engine.training.start import THIN_PIXELS, structure_width
 

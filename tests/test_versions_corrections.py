@@ -5,18 +5,18 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from napari_jointattn.engine.corrections import (
-    ONLY_AFTER,
-    ONLY_BEFORE,
-    correction_weights,
-    label_changes,
-)
-from napari_jointattn.engine.models import new_model, save_model
-from napari_jointattn.engine.versions import (
+from napari_jointattn.engine.models.model import new_model, save_model
+from napari_jointattn.engine.models.versions import (
     describe_version,
     export_version,
     list_versions,
     version_path,
+)
+from napari_jointattn.engine.training.corrections import (
+    ONLY_AFTER,
+    ONLY_BEFORE,
+    correction_weights,
+    label_changes,
 )
 
 
@@ -70,7 +70,7 @@ def test_versions_listed_newest_first_without_plain_or_unimproved_models(tmp_pat
 
 def test_export_format_follows_the_suffix_or_the_choice():
     from napari_jointattn.engine.errors import BadInputError
-    from napari_jointattn.engine.versions import export_format
+    from napari_jointattn.engine.models.versions import export_format
 
     assert export_format("a/m.onnx") == ("onnx", "a/m.onnx")
     assert export_format("a/m.ZIP") == ("bioimageio", "a/m.ZIP")

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 
 from napari_jointattn.engine.errors import BadInputError
-from napari_jointattn.engine.zarrseg import MARKERS, segment_zarr, store_state
+from napari_jointattn.engine.scale.zarrseg import MARKERS, segment_zarr, store_state
 
 zarr = pytest.importorskip("zarr")
 
 
 def _nuclei_mosaic(h=300, w=260):
-    import tifffile
-
     from pathlib import Path
+
+    import tifffile
 
     import napari_jointattn
 
@@ -33,7 +33,7 @@ def zimage(tmp_path):
 
 
 def test_blocks_agree_with_the_whole_image_and_objects_are_joined(zimage, tmp_path):
-    from napari_jointattn.engine.inference import segment
+    from napari_jointattn.engine.inference.segment import segment
 
     src, img = zimage
     report = segment_zarr(src, tmp_path / "out.zarr", "nuclei", block=128)
@@ -116,7 +116,7 @@ def test_cli_segments_a_zarr_folder_entry(zimage, tmp_path, capsys):
 def test_ome_zarr_output_names(tmp_path):
     from pathlib import Path
 
-    from napari_jointattn.engine.batch import output_paths
+    from napari_jointattn.engine.scale.batch import output_paths
 
     assert output_paths(Path("/d/plate.ome.zarr"), tmp_path) == [tmp_path / "plate_labels.zarr"]
     assert output_paths(Path("/d/scan.zarr/"), tmp_path) == [tmp_path / "scan_labels.zarr"]

@@ -20,16 +20,16 @@ from ._version import __version__
 _API = {
     "BadInputError": "engine.errors",
     "Cancelled": "engine.errors",
-    "Model": "engine.models",
-    "Segmentation": "engine.inference",
-    "evaluate": "engine.evaluation",
-    "load_model": "engine.models",
-    "new_model": "engine.models",
-    "save_model": "engine.models",
-    "segment": "engine.inference",
-    "segment_files": "engine.cluster",
-    "segment_zarr": "engine.zarrseg",
-    "export_model": "engine.export",
+    "Model": "engine.models.model",
+    "Segmentation": "engine.inference.segment",
+    "evaluate": "engine.evaluation.evaluate",
+    "load_model": "engine.models.model",
+    "new_model": "engine.models.model",
+    "save_model": "engine.models.model",
+    "segment": "engine.inference.segment",
+    "segment_files": "engine.scale.cluster",
+    "segment_zarr": "engine.scale.zarrseg",
+    "export_model": "engine.models.export",
 }
 
 __getattr__, __dir__ = lazy_names(__name__, _API, globals())

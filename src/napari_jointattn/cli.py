@@ -70,7 +70,7 @@ def _show(text: object) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .engine.split import SPLITS  # numpy only: the parser stays free of torch
+    from .engine.training.split import SPLITS  # numpy only: the parser stays free of torch
 
     p = _Parser(
         prog=PROG,
@@ -175,8 +175,8 @@ class _Progress:
 
 
 def cmd_segment(args) -> int:
-    from .engine.cluster import segment_files
-    from .engine.batch import JobResult
+    from .engine.scale.batch import JobResult
+    from .engine.scale.cluster import segment_files
 
     def on_plan(plan) -> None:
         for path, reason in plan.skipped:
@@ -225,7 +225,7 @@ def cmd_segment(args) -> int:
 
 def _warn_fit(model, image, path: Path) -> None:
     """One ``warning:`` line on stderr for each way the image differs from the model's training data."""
-    from .engine.fit import fit_warnings
+    from .engine.models.fit import fit_warnings
 
     for warning in fit_warnings(model, image, path):
         print(f"{PROG}: warning: {_show(path.name)}: {_show(warning)}", file=sys.stderr)
@@ -234,17 +234,16 @@ def _warn_fit(model, image, path: Path) -> None:
 def cmd_evaluate(args) -> int:
     from .engine.devices import resolve_device
     from .engine.errors import BadInputError
-    from .engine.evaluation import evaluate
-
-    from .engine.files import check_regular_file
+    from .engine.evaluation.evaluate import evaluate
+    from .engine.io.files import check_regular_file
 
     device = resolve_device(args.device)
     if len(args.image) != len(args.labels):
         raise BadInputError(f"{len(args.image)} --image but {len(args.labels)} --labels")
     for p in args.image + args.labels:
         check_regular_file(p, "image file")
-    from .engine.imageio import read_image
-    from .engine.models import load_model
+    from .engine.io.images import read_image
+    from .engine.models.model import load_model
 
     model = load_model(args.model)
     images = []
@@ -260,14 +259,12 @@ def cmd_evaluate(args) -> int:
 def cmd_train(args) -> int:
     import signal
 
+    from .engine.checks import check_classes, check_output_file
     from .engine.devices import resolve_device
     from .engine.errors import BadInputError
-    from .engine.imageio import read_image, read_labels
-    from .engine.training import train
-
-    from .engine.checks import check_classes, check_output_file
-    from .engine.files import check_regular_file
-    from .engine.training import TrainSettings
+    from .engine.io.files import check_regular_file
+    from .engine.io.images import read_image, read_labels
+    from .engine.training import TrainSettings, train
 
     resolve_device(args.device)
     if len(args.image) != len(args.labels):
@@ -331,8 +328,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .engine.export import export_model
-    from .engine.files import check_regular_file
+    from .engine.io.files import check_regular_file
+    from .engine.models.export import export_model
 
     if args.sample is not None:
         check_regular_file(args.sample, "image file")
@@ -349,7 +346,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .engine.metadata import finite_json, list_models, model_dir  # headers only: no torch
+    from .engine.models.metadata import (  # headers only: no torch
+        finite_json,
+        list_models,
+        model_dir,
+    )
 
     rows = list_models()
     if args.json:
@@ -410,9 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .engine.errors import BadInputError, Cancelled
-
-    from .engine.errors import one_line
+    from .engine.errors import BadInputError, Cancelled, one_line
 
     command = {"segment": cmd_segment, "evaluate": cmd_evaluate, "train": cmd_train,
                "models": cmd_models, "export": cmd_export}[args.command]

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..engine.corrections import correction_weights, label_changes
 from ..engine.errors import BadInputError
-from ..engine.versions import export_version, list_versions, version_path
+from ..engine.models.versions import export_version, list_versions, version_path
+from ..engine.training.corrections import correction_weights, label_changes
 from .layers import ATTENTION_PREFIX, current_index, layer_input
 from .segment import PREDICTION_KEY
 from .session import Session, preset_choices, session_for
@@ -81,7 +81,8 @@ class CompareRequest:
 def check_classes_annotated(request: TrainRequest) -> dict:
     """Refuse data that cannot teach the model anything (worker thread): no annotated pixel,
     or a single class annotated (e.g. every pixel painted as one object). Returns the summary."""
-    from ..engine.models import read_metadata, resolve_model
+    from ..engine.models.metadata import read_metadata
+    from ..engine.models.model import resolve_model
     from ..engine.training import annotation_summary
 
     classes = read_metadata(resolve_model(request.start))["classes"]
@@ -160,7 +161,8 @@ class FinetuneController:
 
         Raises :class:`BadInputError` for a pair that cannot be used or an unreadable model.
         """
-        from ..engine.models import read_metadata, resolve_model
+        from ..engine.models.metadata import read_metadata
+        from ..engine.models.model import resolve_model
         from ..engine.training import annotation_summary
 
         if snap.error:
@@ -276,7 +278,7 @@ class FinetuneController:
 
     def compare(self, req: CompareRequest) -> np.ndarray:
         """Segment with both models (worker thread); the :func:`label_changes` map."""
-        from ..engine.inference import segment
+        from ..engine.inference.segment import segment
 
         maps = [segment(req.data, self.session.model(key), tile=req.tile, slices=req.slices,
                         channel_axis=req.channel_axis).labels for key in (req.before, req.after)]

@@ -27,7 +27,7 @@ class LayerInput:
 
 
 #: an image layer whose data is not in memory (multiscale, dask, zarr) and has more pixels than
-#: this at full resolution is segmented block by block into a Zarr store (engine.zarrseg)
+#: this at full resolution is segmented block by block into a Zarr store (engine.scale.zarrseg)
 LAZY_PIXELS = 64 * 1024 * 1024
 
 

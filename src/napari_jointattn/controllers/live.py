@@ -324,7 +324,7 @@ class LiveController:
     # worker thread --------------------------------------------------------------------------------
     def prepare(self) -> None:
         """Load the start model into a :class:`LiveTrainer` (worker thread)."""
-        from ..engine.live import LiveTrainer
+        from ..engine.training.live import LiveTrainer
 
         if self.pair is None:
             raise BadInputError("live mode was not started")
@@ -332,7 +332,7 @@ class LiveController:
         self.trainer = LiveTrainer(model, channel_axis=self.pair.channel_axis, axis=0 if self.pair.stack else None,
                                    **self.settings)
         if self.pair.stack:
-            from ..engine.channels import prepare_channels
+            from ..engine.io.channels import prepare_channels
 
             data = prepare_channels(self.pair.image, model.in_channels, self.pair.channel_axis)
             self._value_range = self.trainer.model.normalization.volume_range(data)
@@ -349,8 +349,8 @@ class LiveController:
 
     def predict(self, z: int | None = None) -> LivePrediction:
         """Classes and uncertainty of plane ``z`` (None for a 2-D image) with the weights of the moment."""
-        from ..engine.postprocess import classify
-        from ..engine.uncertainty import entropy
+        from ..engine.inference.postprocess import classify
+        from ..engine.training.uncertainty import entropy
 
         probs = self.trainer.probabilities(self._plane(z), self._value_range)
         classes = classify(probs, self.trainer.model.postprocess)
@@ -371,7 +371,7 @@ class LiveController:
         :data:`NEXT_SAMPLES` sampled slices with no annotation (predicted here).
         None when every window is annotated or visited.
         """
-        from ..engine.uncertainty import rank_regions
+        from ..engine.training.uncertainty import rank_regions
 
         rng = rng or np.random.default_rng(len(self._visited))
         painted = self.annotated_mask()
@@ -460,9 +460,9 @@ class LiveController:
     def finish(self) -> LiveOutcome:
         """Score the live weights against the start model; save a version if they are better
         (worker thread). Nothing is saved otherwise."""
-        from ..engine.fit import data_statistics
-        from ..engine.models import save_model
-        from ..engine.versions import version_path
+        from ..engine.models.fit import data_statistics
+        from ..engine.models.model import save_model
+        from ..engine.models.versions import version_path
 
         self._hand_over()
         scores = self.trainer.scores()

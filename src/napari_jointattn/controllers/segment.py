@@ -64,7 +64,7 @@ class StoreSegmentation:
 
     labels: object  # zarr.Array
     store: object  # Path
-    report: object  # engine.zarrseg.ZarrReport
+    report: object  # engine.scale.zarrseg.ZarrReport
     device: str
     instances: bool
     seconds: float
@@ -88,11 +88,11 @@ def store_for(layer, source_name: str):
     import re
     from pathlib import Path
 
-    from ..engine.zarrseg import store_state
+    from ..engine.scale.zarrseg import store_state
 
     path = getattr(getattr(layer, "source", None), "path", None)
     if path and str(path).rstrip("/").lower().endswith(".zarr") and os.access(Path(path).parent, os.W_OK):
-        from ..engine.imageio import output_stem
+        from ..engine.io.images import output_stem
 
         folder, stem = Path(path).parent, output_stem(path)
     else:
@@ -170,7 +170,7 @@ def fit_advice(query: FitQuery) -> dict:
     engine's fit checks are not available or the model cannot be read.
     """
     try:
-        from ..engine.fit import check_fit, suggest_model
+        from ..engine.models.fit import check_fit, suggest_model
     except ImportError:  # an engine without fit checks
         return {"model": query.model_key, "suggested": None, "warnings": []}
     try:
@@ -280,7 +280,7 @@ class SegmentController:
 
         ``progress(info)`` gets the engine's progress dicts.
         """
-        from ..engine.inference import segment
+        from ..engine.inference.segment import segment
 
         self.cancel_event.clear()
 
@@ -310,7 +310,7 @@ class SegmentController:
         import zarr
 
         from ..engine.devices import describe_device, resolve_device
-        from ..engine.zarrseg import segment_zarr
+        from ..engine.scale.zarrseg import segment_zarr
 
         def on_block(done: int, total: int) -> bool:
             if progress is not None:
@@ -446,7 +446,7 @@ class SegmentController:
         The first click in a tile costs one forward pass of that tile, later
         clicks in it a single attention row.
         """
-        from ..engine.query import AttentionQuery
+        from ..engine.inference.query import AttentionQuery
 
         if layer_name not in self.viewer.layers:
             raise BadInputError("choose an image layer first")

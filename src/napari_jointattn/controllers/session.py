@@ -18,8 +18,9 @@ import numpy as np
 from psygnal import Signal
 
 from ..engine.errors import BadInputError
-from ..engine.models import MODEL_SUFFIX, PRESET_DIR, load_model, saved_models
-from ..engine.presets import PRESETS
+from ..engine.models.metadata import PRESET_DIR, saved_models
+from ..engine.models.model import MODEL_SUFFIX, load_model
+from ..engine.models.presets import PRESETS
 
 DEFAULT_TILE = 512
 #: side of the image the warm-up runs (at most one tile)
@@ -123,7 +124,7 @@ class Session:
         if not key:
             return False
         token = (key, _stamp(key), tile, device)
-        from ..engine.inference import segment
+        from ..engine.inference.segment import segment
 
         with self._lock:  # one warm-up at a time; a click waits for it rather than racing it
             if token in self._warm:
@@ -137,7 +138,7 @@ class Session:
             noise = np.random.default_rng(0).random(shape, dtype=np.float32)
             channel_axis = None if model.in_channels == 1 else 2
             segment(noise, model, tile=tile, device=device, attention=True, channel_axis=channel_axis)
-            from ..engine.runtime import cpu_runtime
+            from ..engine.inference.runtime import cpu_runtime
 
             if cpu_runtime() == "onnxruntime":  # opt-in: its graph is exported and loaded here, not at the click
                 segment(noise, model, tile=tile, device=device, attention=False, channel_axis=channel_axis)

@@ -2,7 +2,7 @@
 
 Reading/writing images, normalisation, tiled segmentation, model files,
 metrics and evaluation. Names are imported on first use (PEP 562), so that
-light modules (``engine.metadata``, ``engine.errors``) load without torch.
+light modules (``engine.models.metadata``, ``engine.errors``) load without torch.
 """
 
 from .._lazy import lazy_names
@@ -10,21 +10,21 @@ from .._lazy import lazy_names
 _API = {
     "BadInputError": "errors",
     "Cancelled": "errors",
-    "evaluate": "evaluation",
-    "ImageFile": "imageio",
-    "read_image": "imageio",
-    "read_labels": "imageio",
-    "write_labels": "imageio",
-    "Model": "models",
-    "load_model": "models",
-    "model_dir": "metadata",
-    "new_model": "models",
-    "save_model": "models",
-    "Segmentation": "inference",
-    "segment": "inference",
-    "segment_files": "cluster",
-    "segment_zarr": "zarrseg",
-    "export_model": "export",
+    "evaluate": "evaluation.evaluate",
+    "ImageFile": "io.images",
+    "read_image": "io.images",
+    "read_labels": "io.images",
+    "write_labels": "io.images",
+    "Model": "models.model",
+    "load_model": "models.model",
+    "model_dir": "models.metadata",
+    "new_model": "models.model",
+    "save_model": "models.model",
+    "Segmentation": "inference.segment",
+    "segment": "inference.segment",
+    "segment_files": "scale.cluster",
+    "segment_zarr": "scale.zarrseg",
+    "export_model": "models.export",
     "train": "training",
     "TrainSettings": "training",
 }

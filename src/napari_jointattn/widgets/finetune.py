@@ -36,6 +36,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ..controllers import gc_hold
 from ..controllers.finetune import (
     CORRECTION_EXTRA,
     CURRENT,
@@ -56,8 +57,7 @@ from ..controllers.live import (
 )
 from ..controllers.segment import PREDICTION_KEY
 from ..engine.errors import BadInputError
-from ..engine.versions import describe_version
-from ..controllers import gc_hold
+from ..engine.models.versions import describe_version
 from . import _workers
 from .segment import DEVICES
 
@@ -81,8 +81,8 @@ PAIR_HINT = ("Pair an image with any Labels layer of its size (Add pair); "
 def _import_training_engine() -> None:
     import importlib
 
-    for name in ("napari_jointattn.engine.live", "napari_jointattn.engine.training",
-                 "napari_jointattn.engine.uncertainty", "napari_jointattn.engine.postprocess"):
+    for name in ("napari_jointattn.engine.training.live", "napari_jointattn.engine.training",
+                 "napari_jointattn.engine.training.uncertainty", "napari_jointattn.engine.inference.postprocess"):
         importlib.import_module(name)
     from ..controllers.session import _warm_layers
 

@@ -348,7 +348,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
     def _report(self, request: Request, result) -> None:
         self.device_label.setText(f"Device used: {result.device}")
         if getattr(result, "store", None) is not None:  # block by block, into a Zarr store
-            from ..engine.zarrseg import describe
+            from ..engine.scale.zarrseg import describe
 
             self.status.setText(f"{request.layer_name}: {describe(result.report)}; labels in {result.store}")
             return
@@ -356,7 +356,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         what = "objects" if result.instances else "classes"
         text = f"{request.layer_name}: {n} {what} in {result.seconds:.1f} s on {result.device}"
         if getattr(result, "attention_changed", None) is not None:
-            from ..engine.knockout import describe_share
+            from ..engine.evaluation.knockout import describe_share
 
             text += f". {describe_share(result.attention_changed).capitalize()}."
         self.status.setText(text)

@@ -1,11 +1,16 @@
 """Training and fine-tuning from (partial) annotations.
 
 Modules: ``settings`` (TrainSettings, TrainResult), ``data`` (annotated
-planes and their split), ``augment`` (crop centres, MONAI augmentation), ``loss``,
-``validation`` (held-out Dice, threshold), ``schedule`` (learning rate),
-``start`` (start model, head decision), ``checkpoint`` (resume), ``loop``
-(``train()``), ``distributed`` (data-parallel training under torchrun; see
-docs/scale.md).
+planes), ``split`` (the leak-free training/validation split), ``augment`` (crop
+centres, MONAI augmentation), ``loss``, ``validation`` (held-out Dice,
+threshold), ``schedule`` (learning rate), ``ema`` (weight average), ``start``
+(start model, head decision), ``checkpoint`` (resume), ``loop`` (``train()``),
+``distributed`` (data-parallel training under torchrun; see docs/scale.md);
+``live`` (``LiveTrainer``, the learner of live mode), ``uncertainty`` (where to
+annotate next), ``corrections`` (where the user changed the model's labels).
+
+Names are imported on first use (PEP 562): ``training.split`` and
+``training.settings`` load without the loop, MONAI or the augmentation.
 
 Rules (documented in docs/training.md):
 
@@ -21,17 +26,30 @@ Rules (documented in docs/training.md):
   callback returns ``False``.
 """
 
-from ..split import GAP_PIXELS, GAP_SLICES, split_samples
-from .augment import CropBatches, CropCentres
-from .data import Sample, annotation_summary, build_samples
-from .loss import masked_loss
-from .loop import train
-from .settings import TrainResult, TrainSettings
-from .start import HEAD_RESET_DICE, start_model
-from .validation import MAX_VAL_PLANES, THRESHOLDS, calibrate_threshold, classes_from_probs, validation_dice
+from ..._lazy import lazy_names
 
-__all__ = [
-    "GAP_PIXELS", "GAP_SLICES", "HEAD_RESET_DICE", "MAX_VAL_PLANES", "THRESHOLDS", "CropBatches", "CropCentres", "Sample",
-    "TrainResult", "TrainSettings", "annotation_summary", "build_samples", "calibrate_threshold",
-    "classes_from_probs", "masked_loss", "split_samples", "start_model", "train", "validation_dice",
-]
+_API = {
+    "CropBatches": "augment",
+    "CropCentres": "augment",
+    "Sample": "data",
+    "annotation_summary": "data",
+    "build_samples": "data",
+    "train": "loop",
+    "masked_loss": "loss",
+    "TrainResult": "settings",
+    "TrainSettings": "settings",
+    "GAP_PIXELS": "split",
+    "GAP_SLICES": "split",
+    "split_samples": "split",
+    "HEAD_RESET_DICE": "start",
+    "start_model": "start",
+    "MAX_VAL_PLANES": "validation",
+    "THRESHOLDS": "validation",
+    "calibrate_threshold": "validation",
+    "classes_from_probs": "validation",
+    "validation_dice": "validation",
+}
+
+__getattr__, __dir__ = lazy_names(__name__, _API, globals())
+
+__all__ = list(_API)

@@ -6,8 +6,8 @@ import contextlib
 import math
 import threading
 
-import numpy as np
 import monai.transforms as mt
+import numpy as np
 import torch
 
 from ..errors import BadInputError
@@ -74,7 +74,7 @@ class CropBatches:
     pixels around the drawn centre (edge-padded image, zero-padded rest: no
     loss outside the plane), resized to ``crop`` (the network sees the image
     enlarged ``upsample`` times, as
-    :func:`~napari_jointattn.engine.inference.predict_slice` shows it), turned
+    :func:`~napari_jointattn.engine.inference.segment.predict_slice` shows it), turned
     by a multiple of 90 degrees and flipped; then the image alone: contrast,
     brightness, gamma, a smooth multiplicative bias field and noise.
 

@@ -22,7 +22,7 @@ def _save_checkpoint(path, net, opt, best_state, rng, gen, fingerprint: str, sta
     """
     from safetensors.torch import save
 
-    from ..files import write_bytes_atomic
+    from ..io.files import write_bytes_atomic
 
     tensors = {f"net.{k}": v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     tensors.update({f"best.{k}": v.detach().cpu().contiguous() for k, v in best_state.items()})

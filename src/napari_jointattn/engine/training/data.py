@@ -8,14 +8,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..channels import prepare_channels
 from ..checks import check_axis, check_classes, to_array
 from ..errors import BadInputError
-from ..imageio import ImageFile, read_image, read_labels
+from ..io.channels import prepare_channels
+from ..io.images import ImageFile, read_image, read_labels
+from ..io.normalize import normalize
 from ..labels import to_classes
-from ..models import Model
-from ..normalize import normalize
-from ..split import Split, split_samples
+from ..models.model import Model
+from .split import Split, split_samples
 
 
 @dataclass
@@ -59,7 +59,7 @@ def build_samples(
     """Annotated 2-D planes with leak-free train/validation masks, and a summary.
 
     ``val_fraction=None``: no validation part, every annotated pixel trains.
-    ``split``: which split to make (``engine.split``; "auto" picks the first that works).
+    ``split``: which split to make (``engine.training.split``; "auto" picks the first that works).
     """
     if len(images) != len(labels):
         raise BadInputError(f"{len(images)} images but {len(labels)} label images")

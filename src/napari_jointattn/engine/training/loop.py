@@ -13,10 +13,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from ...model.denseunet import Dropout2d
 from ..checks import check_axis, check_classes, check_output_file
 from ..devices import autocast, describe_device, resolve_device
-from ...model.denseunet import Dropout2d
-from ..models import Model, save_model
+from ..models.model import Model, save_model
 from .augment import CropBatches, CropCentres
 from .checkpoint import _jsonable, _load_checkpoint, _save_checkpoint
 from .data import build_samples
@@ -231,7 +231,7 @@ def train(
                               "val_dice_at_threshold": round(at_th, 4)}
     knockout = None
     if result.best_step > 0 and model.net.attention_keys():  # what each attention module changes
-        from ..knockout import knockout_on_samples
+        from ..evaluation.knockout import knockout_on_samples
 
         net.eval()
         knockout = par.from_main(lambda: knockout_on_samples(model, samples, device))
@@ -248,7 +248,7 @@ def train(
     model.name = name or model.name
     model.scores = {"val_dice": round(best, 6) if math.isfinite(best) else None,
                     "start_val_dice": round(start_dice, 6) if math.isfinite(start_dice) else None}
-    from ..fit import data_statistics
+    from ..models.fit import data_statistics
 
     model.provenance = {
         "parent": parent_name,

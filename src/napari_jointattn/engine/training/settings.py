@@ -9,8 +9,8 @@ import numpy as np
 
 from ..checks import check_seed, finite_number
 from ..errors import BadInputError
-from ..models import Model
-from ..split import SPLITS
+from ..models.model import Model
+from .split import SPLITS
 
 
 @dataclass
@@ -23,7 +23,7 @@ class TrainSettings:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     val_fraction: float = 0.2
-    #: the training/validation split (``engine.split``): "auto" (the first of
+    #: the training/validation split (``engine.training.split``): "auto" (the first of
     #: images, slices, strip that keeps every class on both sides) or one of them
     split: str = "auto"
     patience: int = 8

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..errors import BadInputError
-from ..models import Model, load_model, new_model
+from ..models.model import Model, load_model, new_model
 from .data import Sample
 from .validation import validation_dice
 
@@ -32,7 +32,7 @@ def _start_model(start, classes, seed: int = 0) -> tuple[Model, bool]:
     if start is None:
         start = "nuclei"
     if isinstance(start, str) and not isinstance(start, os.PathLike):
-        from ..presets import PRESETS
+        from ..models.presets import PRESETS
 
         try:
             base = load_model(start)
@@ -107,10 +107,10 @@ def _reset_head(model: Model, seed: int = 0) -> None:
 
 def _parent_name(start, model: Model) -> str:
     """How provenance names the start model: a file's stem, or a preset's name."""
-    from ..presets import PRESETS
+    from ..models.presets import PRESETS
 
     if isinstance(start, str) and start in PRESETS:
-        from ..models import PRESET_DIR
+        from ..models.metadata import PRESET_DIR
 
         if not (PRESET_DIR / f"{start}.safetensors").is_file():
             return f"none (freshly initialised {start} architecture)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..models import Model
+from ..models.model import Model
 from .data import Sample
 
 MAX_VAL_PLANES = 24
@@ -18,7 +18,7 @@ def _held_out_predictions(model: Model, samples: list[Sample], device, side: str
     hundreds of slices does not eat the training time. Each plane is cropped
     to the bounding box of its ``side`` pixels before prediction.
     """
-    from ..inference import predict_slice
+    from ..inference.segment import predict_slice
 
     k = model.num_classes
     planes = [s for s in samples if getattr(s, f"{side}_mask").any()]
@@ -46,7 +46,7 @@ def validation_dice(model: Model, samples: list[Sample], device: torch.device, s
     the reference are not averaged (a prediction cannot score on them), so an
     empty reference gives NaN, never a Dice of 0.
     """
-    from ..metrics import confusion, overlap_scores
+    from ..evaluation.metrics import confusion, overlap_scores
 
     k = model.num_classes
     conf = np.zeros((k, k), np.int64)
@@ -59,7 +59,7 @@ def validation_dice(model: Model, samples: list[Sample], device: torch.device, s
 
 def classes_from_probs(model: Model, probs: torch.Tensor) -> np.ndarray:
     """Class per pixel (probs: classes first) as segment() decides it: argmax, or a threshold."""
-    from ..postprocess import classify
+    from ..inference.postprocess import classify
 
     return classify(probs.numpy(), model.postprocess).astype(np.int64)
 

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from ..io.normalize import SAMPLE
 from .metadata import STATISTICS_KEY, DataStatistics, training_statistics
-from .normalize import SAMPLE
 
 #: intensity spans (p99 - p1) further apart than this factor are "wildly different"
 SPAN_FACTOR = 1000.0
@@ -43,7 +43,7 @@ def layout(image: Any, channel_axis: int | None = None) -> tuple[np.ndarray, int
     dimensions); for plain arrays the rule of ``prepare_channels``: a 3-D array
     whose last axis has 3 or 4 entries (and larger other axes) is colour.
     """
-    from .imageio import ImageFile, read_image
+    from ..io.images import ImageFile, read_image
 
     if isinstance(image, (str, os.PathLike)):
         image = read_image(image)
@@ -201,7 +201,7 @@ def check_fit(model: Any, image: Any) -> list[str]:
 
 
 def _modality_hint(image: Any, path: str | os.PathLike | None) -> str | None:
-    from .imageio import ImageFile
+    from ..io.images import ImageFile
 
     names = [os.fspath(path)] if path is not None else []
     if isinstance(image, ImageFile):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 
 def entropy(probs: np.ndarray, axis: int = 0) -> np.ndarray:

@@ -6,9 +6,10 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
-from .errors import BadInputError
-from .files import write_atomic
-from .models import MODEL_SUFFIX, model_dir, read_metadata, saved_models
+from ..errors import BadInputError
+from ..io.files import write_atomic
+from .metadata import model_dir, read_metadata, saved_models
+from .model import MODEL_SUFFIX
 
 VERSION_MARK = "-ft-"
 
@@ -59,7 +60,7 @@ def describe_version(path: Path, meta: dict) -> str:
     return f"{path.stem}  (from {meta['provenance']['parent']}, val Dice {shown}, {saved})"
 
 
-#: what an exported file's suffix says it is: our model file, or a format of engine.export
+#: what an exported file's suffix says it is: our model file, or a format of engine.models.export
 EXPORT_SUFFIXES = {MODEL_SUFFIX: "safetensors", ".zip": "bioimageio", ".onnx": "onnx", ".pt": "torchscript"}
 
 

@@ -36,16 +36,16 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import BadInputError, one_line
-from .files import check_regular_file
-from .normalize import Normalization, Number, Record, describe_error
+from ..errors import BadInputError, one_line
+from ..io.files import check_regular_file
+from ..io.normalize import Normalization, Number, Record, describe_error
 
 META_KEY = "napari_jointattn"
 FORMAT = "napari-jointattn-model"
 FORMAT_VERSION = 1
 ARCHITECTURE_NAMES = ("DenseUNet",)
 MODEL_SUFFIX = ".safetensors"
-PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESET_DIR = Path(__file__).resolve().parents[2] / "presets"
 MODEL_DIR_ENV = "NAPARI_JOINTATTN_MODEL_DIR"
 #: the metadata JSON may be at most this long and this deeply nested
 MAX_METADATA_BYTES = 1 << 20
@@ -122,7 +122,7 @@ class Intensity(BaseModel):
 
 
 class DataStatistics(BaseModel):
-    """What a model was trained on (``provenance.data_statistics``); see ``engine/fit.py``."""
+    """What a model was trained on (``provenance.data_statistics``); see ``engine/models/fit.py``."""
 
     model_config = ConfigDict(strict=True, frozen=True, extra="allow")
 
@@ -176,7 +176,7 @@ class Metadata(BaseModel):
     @field_validator("classes")
     @classmethod
     def _classes(cls, value: list[str]) -> list[str]:
-        from .checks import check_classes
+        from ..checks import check_classes
 
         try:
             check_classes(value, "'classes'")
@@ -346,7 +346,7 @@ def write_metadata(path: str | os.PathLike, meta: dict, out: str | os.PathLike |
     Writes ``out`` (default: ``path`` itself) atomically; no weights are
     decoded, so a bundled preset can gain metadata without being retrained.
     """
-    from .files import write_bytes_atomic
+    from ..io.files import write_bytes_atomic
 
     path = Path(path)
     out = Path(out) if out is not None else path

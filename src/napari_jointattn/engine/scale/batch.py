@@ -19,8 +19,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadInputError
-from .imageio import SUPPORTED, file_format, output_stem
+from ..errors import BadInputError
+from ..io.images import SUPPORTED, file_format, output_stem
 
 LABELS_SUFFIX = "_labels"
 _OUTPUT_NAME = re.compile(r".+((_labels|_attention_[A-Za-z0-9-]+)\.(tif|nii\.gz)|_labels\.zarr)$", re.IGNORECASE)
@@ -189,9 +189,9 @@ def run_job(job: Job, model, *, device="auto", tile: int = 512, axis: int | None
 
     if is_zarr(job.input):
         return run_zarr_job(job, model, device=device, tile=tile, overwrite=overwrite)
-    from .fit import fit_warnings
-    from .imageio import read_image, write_attention, write_labels
-    from .inference import segment
+    from ..inference.segment import segment
+    from ..io.images import read_image, write_attention, write_labels
+    from ..models.fit import fit_warnings
 
     img = read_image(job.input)
     warnings_ = fit_warnings(model, img, job.input)
@@ -207,7 +207,7 @@ def run_job(job: Job, model, *, device="auto", tile: int = 512, axis: int | None
     found = f"{n} objects" if result.instances else f"{n} classes present"
     notes = list(result.notes)
     if result.attention_changed is not None:
-        from .knockout import describe_share
+        from ..evaluation.knockout import describe_share
 
         notes.append(describe_share(result.attention_changed))
     return JobResult(job.input, written, found, result.seconds, result.device, notes, warnings_)
@@ -225,10 +225,10 @@ def run_zarr_job(job: Job, model, *, device="auto", tile: int = 512, overwrite: 
         raise BadInputError(f"{job.input}: {len(report.failed)} block(s) failed (block {number}: {reason}); "
                             f"{job.outputs[0]} is incomplete, a rerun resumes it")
     if not report.complete:
-        from .errors import Cancelled
+        from ..errors import Cancelled
 
         raise Cancelled(f"{job.outputs[0]} is incomplete ({describe(report)})")
-    from .devices import describe_device, resolve_device
+    from ..devices import describe_device, resolve_device
 
     return JobResult(job.input, [job.outputs[0]], describe(report), report.seconds,
                      describe_device(resolve_device(device)), [], [])

@@ -30,17 +30,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import AttentionKey
-from .channels import prepare_channels
-from .checks import check_axis, to_array
-from .devices import autocast, describe_device, free_cache, is_out_of_memory, resolve_device
-from .errors import BadInputError, Cancelled
-from .imageio import ImageFile, read_image
-from .models import Model, load_model
-from .normalize import normalize
-from .runtime import cpu_network
+from ...model import AttentionKey
+from ..checks import check_axis, to_array
+from ..devices import autocast, describe_device, free_cache, is_out_of_memory, resolve_device
+from ..errors import BadInputError, Cancelled
+from ..io.channels import prepare_channels
+from ..io.images import ImageFile, read_image
+from ..io.normalize import normalize
+from ..models.model import Model, load_model
 from .placement import inference_network, release
 from .postprocess import classify, split_instances
+from .runtime import cpu_network
 
 __all__ = [
     "Assembly", "Callback", "Planes", "Segmentation", "attention_map_keys", "band_classes",
@@ -82,7 +82,7 @@ class Segmentation:
     instances: bool = False
     slices: list[int] | None = None
     attention_keys: dict[str, AttentionKey] = field(default_factory=dict)
-    #: what ran the network: "torch", or "onnxruntime" (CPU, no attention maps; see engine.runtime)
+    #: what ran the network: "torch", or "onnxruntime" (CPU, no attention maps; see engine.inference.runtime)
     runtime: str = "torch"
     #: with ``attention=True`` and attention modules: the fraction of pixels whose class
     #: changes when every module is switched off (``DenseUNet.knocked_out``), on these pixels

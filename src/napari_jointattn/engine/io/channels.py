@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .checks import to_array
-from .errors import BadInputError
+from ..checks import to_array
+from ..errors import BadInputError
 
 
 def prepare_channels(

@@ -27,18 +27,18 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from ..model.denseunet import Dropout2d
-from .checks import check_axis, check_classes
-from .devices import autocast, describe_device, resolve_device
-from .errors import BadInputError
-from .models import Model
-from .training.augment import CropBatches, CropCentres
-from .training.data import Sample, build_samples
-from .training.loss import masked_loss
-from .training.schedule import optimizer
-from .training.settings import TrainSettings
-from .training.start import _parent_name, _start_model
-from .training.validation import validation_dice
+from ...model.denseunet import Dropout2d
+from ..checks import check_axis, check_classes
+from ..devices import autocast, describe_device, resolve_device
+from ..errors import BadInputError
+from ..models.model import Model
+from .augment import CropBatches, CropCentres
+from .data import Sample, build_samples
+from .loss import masked_loss
+from .schedule import optimizer
+from .settings import TrainSettings
+from .start import _parent_name, _start_model
+from .validation import validation_dice
 
 #: the live loop's training defaults: small batches, so a burst of a few seconds takes steps
 LIVE_DEFAULTS = {"batch_size": 4, "crop": 128, "lr": 1e-3, "upsample": "auto", "head": "keep"}
@@ -165,8 +165,8 @@ class LiveTrainer:
 
     # ---- using the weights of the moment --------------------------------------------------------
     def predict(self, image, **kwargs):
-        """:func:`~napari_jointattn.engine.inference.segment` with the current weights."""
-        from .inference import segment
+        """:func:`~napari_jointattn.engine.inference.segment.segment` with the current weights."""
+        from ..inference.segment import segment
 
         with self._net_lock:
             self.net.eval()
@@ -182,8 +182,8 @@ class LiveTrainer:
         ("pointwise" or "self"): every joint module runs that branch alone
         (``DenseUNet.branch_only``).
         """
-        from .channels import prepare_channels
-        from .inference import predict_slice
+        from ..inference.segment import predict_slice
+        from ..io.channels import prepare_channels
 
         data = prepare_channels(np.asarray(plane), self.model.in_channels, self.channel_axis)
         x, _ = self.model.normalization.apply(np.moveaxis(data, -1, 0), value_range)

@@ -8,13 +8,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .checks import check_axis, to_array
-from .errors import BadInputError
-from .imageio import ImageFile, read_image, read_labels
-from .inference import Callback, segment
-from .labels import to_classes
+from ..checks import check_axis, to_array
+from ..errors import BadInputError
+from ..inference.segment import Callback, segment
+from ..io.images import ImageFile, read_image, read_labels
+from ..labels import to_classes
+from ..models.model import Model, load_model
 from .metrics import confusion, hd95, instance_ids, match_instances, overlap_scores
-from .models import Model, load_model
 
 
 def _nan_to_none(x: float) -> float | None:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 ID_BITS = 20
 MARKERS = ".napari-jointattn/blocks"
@@ -134,7 +134,7 @@ def _checked(src: ZarrInput, path: str) -> ZarrInput:
 def value_range(src: ZarrInput, percentiles: tuple[float, float], windows: int = 8, size: int = 256
                 ) -> tuple[float, float]:
     """One (lo, hi) for the whole image: from a small level, else from windows spread over it."""
-    from .normalize import percentile_range
+    from ..io.normalize import percentile_range
 
     a = src.array
     if src.preview is not None:
@@ -246,13 +246,13 @@ def segment_block(src_path, dst_path: str, b: Block, model, settings: dict, devi
 
     ``src_path``: the input's path (opened here: on a cluster worker), or a :class:`ZarrInput`.
     """
-    from .files import write_atomic
+    from ..io.files import write_atomic
 
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    from .inference import segment
+    from ..inference.segment import segment
 
     src = open_input(src_path)
     zarr = _zarr()
@@ -382,7 +382,7 @@ def segment_zarr(
     :func:`open_input`; not with ``client``); ``source_name`` then names it in the
     store's attributes, and a rerun resumes only with the same name.
     """
-    from .models import load_model
+    from ..models.model import load_model
 
     t0 = time.perf_counter()
     if not isinstance(block, int) or block < 64:
@@ -418,7 +418,7 @@ def segment_zarr(
     else:
         from distributed import as_completed
 
-        from .errors import one_line
+        from ..errors import one_line
 
         ref = client.scatter(model, broadcast=True)
         futures = {client.submit(segment_block, str(src), str(dst), b, ref, settings, device, threads,

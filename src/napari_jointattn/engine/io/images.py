@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BadInputError
+from ..errors import BadInputError
 from .files import check_regular_file, write_atomic
 from .limits import check_decoded_size
 from .limits import max_pixels as _max_pixels

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..model import AttentionKey
-from .channels import prepare_channels
-from .errors import BadInputError
-from .models import Model, load_model
-from .normalize import normalize
+from ...model import AttentionKey
+from ..errors import BadInputError
+from ..io.channels import prepare_channels
+from ..io.normalize import normalize
+from ..models.model import Model, load_model
 from .placement import inference_network
 
 

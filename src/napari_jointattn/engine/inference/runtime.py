@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 RUNTIME_ENV = "NAPARI_JOINTATTN_CPU_RUNTIME"
 KEEP = 8
@@ -90,8 +90,8 @@ def cache_folder() -> Path:
 
 
 def _export(model, path: Path) -> None:
-    from .export import _write_onnx, export_net
-    from .files import atomic_path
+    from ..io.files import atomic_path
+    from ..models.export import _write_onnx, export_net
 
     net = export_net(model)
     net.upsample = 1  # the caller enlarges, as for the PyTorch network
@@ -106,7 +106,7 @@ def _export(model, path: Path) -> None:
 
 def ort_network(model) -> OrtNetwork:
     """The model's network as an :class:`OrtNetwork` (exported and loaded once; may raise)."""
-    from .export import onnx_session
+    from ..models.export import onnx_session
 
     key = fingerprint(model)
     threads = max(1, torch.get_num_threads())

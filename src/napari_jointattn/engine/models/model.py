@@ -28,36 +28,26 @@ from pathlib import Path
 
 import torch
 
-from .._version import __version__
-from ..model import DenseUNet, DenseUNetConfig
-from .errors import BadInputError
-from .files import write_bytes_atomic
-from .metadata import (  # noqa: F401  (re-exported: the names model files and callers use)
+from ..._version import __version__
+from ...model import DenseUNet, DenseUNetConfig
+from ..errors import BadInputError
+from ..io.files import write_bytes_atomic
+from ..io.normalize import Normalization
+from .metadata import (
     FORMAT,
     FORMAT_VERSION,
-    MAX_METADATA_BYTES,
-    MAX_METADATA_DEPTH,
     META_KEY,
-    MODEL_DIR_ENV,
     MODEL_SUFFIX,
-    PRESET_DIR,
     DataStatistics,
     Postprocess,
     _fail,
     _read,
     _short,
     finite_json,
-    list_models,
-    model_dir,
-    parse_metadata_json,
-    preset_names,
-    read_metadata,
     resolve_model,
-    saved_models,
     training_statistics,
     validate_metadata,
 )
-from .normalize import Normalization
 
 ARCHITECTURES = {"DenseUNet": (DenseUNet, DenseUNetConfig)}
 #: a network may have at most this many parameters (about 2 GB of float32 weights)

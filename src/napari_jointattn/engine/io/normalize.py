@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 #: Percentiles mapped to 0 and 1.
 DEFAULT_PERCENTILES = (1.0, 99.8)

@@ -42,12 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._version import __version__
-from .errors import BadInputError
-from .files import atomic_path
+from ..._version import __version__
+from ..errors import BadInputError
+from ..io.files import atomic_path
+from ..io.normalize import normalize
 from .metadata import finite_json
-from .models import Model, load_model
-from .normalize import normalize
+from .model import Model, load_model
 
 FORMATS = ("onnx", "torchscript", "bioimageio")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".pt", "bioimageio": ".zip"}
@@ -144,7 +144,7 @@ def usage(model: Model) -> dict:
             f"5. instances: foreground (class > 0), distance transform, Gaussian sigma 1, "
             f"watershed from local maxima at least {post.get('min_distance', 3)} px apart; "
             f"objects under {post.get('min_size', 15)} px removed; ids 1..n "
-            "(napari_jointattn.engine.postprocess.split_instances)")
+            "(napari_jointattn.engine.inference.postprocess.split_instances)")
     return finite_json({
         "format": EXPORT_FORMAT,
         "format_version": EXPORT_FORMAT_VERSION,
@@ -180,9 +180,9 @@ def usage(model: Model) -> dict:
 # -------------------------------------------------------------- sample data
 def default_sample(model: Model) -> np.ndarray:
     """A raw 2-D image (H, W) for test tensors and the cover: a bundled sample that fits the model."""
-    from .imageio import read_image
+    from ..io.images import read_image
 
-    here = Path(__file__).resolve().parent.parent / "samples"
+    here = Path(__file__).resolve().parents[2] / "samples"
     stats = model.trained_on
     if stats is not None and "mri" in (stats.modality or "").lower():
         image = read_image(here / "mni152_t1_2mm.nii.gz")
@@ -196,7 +196,7 @@ def _sample_planes(model: Model, sample) -> np.ndarray:
     """``sample`` (or the default) as raw (1, C, H, W) float32, checked."""
     raw = default_sample(model) if sample is None else sample
     if isinstance(raw, (str, os.PathLike)):
-        from .imageio import read_image
+        from ..io.images import read_image
 
         raw = read_image(raw).data
     raw = np.asarray(raw)

@@ -34,8 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import BadInputError
 from .batch import Job, JobResult, Plan, plan_segment, run_job
-from .errors import BadInputError
 
 #: per worker process: (model reference, file state) -> Model
 _MODELS: dict = {}
@@ -63,7 +63,7 @@ def _model_key(ref: str) -> tuple:
 
 def _worker_model(ref):
     """The model for a task: loaded once per worker process (per file version)."""
-    from .models import Model, load_model
+    from ..models.model import Model, load_model
 
     if isinstance(ref, Model):
         return ref
@@ -82,7 +82,7 @@ def _task(jobs: list[Job], model_ref, options: dict, threads: int | None) -> lis
     An input whose labels already exist was finished by an earlier attempt of this
     task (its worker died before reporting): it is reported done, not written again.
     """
-    from .errors import one_line
+    from ..errors import one_line
 
     if threads:
         import torch
@@ -140,8 +140,8 @@ def segment_files(
     cluster only: a :func:`~.inference.segment` callback for that input (closed
     afterwards if it has ``close``).
     """
-    from .devices import resolve_device
-    from .models import load_model
+    from ..devices import resolve_device
+    from ..models.model import load_model
 
     if workers is not None and scheduler is not None:
         raise BadInputError("give either workers (a local cluster) or scheduler (a running one), not both")
@@ -149,7 +149,7 @@ def segment_files(
         raise BadInputError(f"workers must be a positive integer, got {workers!r}")
     resolve_device(device)  # a bad device name fails here, before any cluster starts
     loaded = load_model(model)  # checked here (a missing file is one line), and for the map names
-    from .inference import attention_map_keys
+    from ..inference.segment import attention_map_keys
 
     maps = [key.name for key in attention_map_keys(loaded)] if attention else []
     plan = plan_segment(inputs, out, maps, overwrite=overwrite)
@@ -185,7 +185,7 @@ def segment_files(
                                              threads_per_worker, files_per_task)
     finally:
         # no task of this run is running any more: what a killed writer left is garbage
-        from .files import remove_stale_temporaries
+        from ..io.files import remove_stale_temporaries
 
         report.cleaned = remove_stale_temporaries(t for job in plan.jobs for t in job.outputs)
         report.seconds = time.perf_counter() - t0
@@ -193,7 +193,7 @@ def segment_files(
 
 
 def _run_here(plan: Plan, model, options: dict, record, tile_progress) -> None:
-    from .errors import one_line
+    from ..errors import one_line
 
     for job in plan.jobs:
         callback = tile_progress(job.input) if tile_progress is not None else None
@@ -216,8 +216,8 @@ def _run_on_cluster(plan: Plan, model_ref, loaded, options: dict, record, worker
                             "pip install 'napari-jointattn[distributed]'") from exc
     import logging
 
+    from ..errors import one_line
     from .batch import run_zarr_job
-    from .errors import one_line
     from .zarrseg import is_zarr
 
     cluster = None
@@ -236,7 +236,7 @@ def _run_on_cluster(plan: Plan, model_ref, loaded, options: dict, record, worker
             raise BadInputError(f"cannot reach the dask scheduler at {scheduler}: {one_line(exc)}") from exc
         threads = threads_per_worker
     try:
-        from .models import Model
+        from ..models.model import Model
 
         files = [job for job in plan.jobs if not is_zarr(job.input)]
         if files and isinstance(model_ref, Model):  # sent to every worker once, not with every task

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from .models import Model
+from ..models.model import Model
 
 #: the row of :func:`knockout` for every module knocked out at once
 ALL = "all"
@@ -67,7 +67,7 @@ MAX_PLANES = 8
 
 def knockout_on_samples(model: Model, samples: Iterable, device: torch.device, side: str = "val") -> dict:
     """:func:`knockout_from` on the ``side`` pixels of training samples (what ``train()`` records)."""
-    from .training.validation import _held_out_predictions, classes_from_probs
+    from ..training.validation import _held_out_predictions, classes_from_probs
 
     planes = [s for s in samples if getattr(s, f"{side}_mask").any()]
     if len(planes) > MAX_PLANES:

@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 #: extensions a temporary file keeps, so that writers that look at the name see the right format
 _KNOWN_SUFFIXES = (".nii.gz", ".safetensors", ".tiff", ".tif", ".nii", ".png", ".json", ".ckpt")

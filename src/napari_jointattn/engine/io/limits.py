@@ -19,7 +19,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 MAX_PIXELS_ENV = "NAPARI_JOINTATTN_MAX_PIXELS"
 DEFAULT_MAX_PIXELS = 2**26

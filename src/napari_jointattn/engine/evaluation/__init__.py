@@ -1,0 +1,1 @@
+"""Scoring: ``evaluate()`` against reference labels, the metrics, and attention knock-out."""
