@@ -804,6 +804,26 @@ def test_names_with_newlines_stay_on_one_line(tmp_path, instance_model_file, cap
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("char", ["\u2028", "\u2029", "\x85", "\x9b", "\x1b", "\udcff"])
+def test_one_line_escapes_every_line_break_and_control(char):
+    from napari_jointattn.engine.errors import one_line
+
+    text = one_line(f"cell{char}[31m.tif")
+    assert len(text.splitlines()) == 1 and char not in text and text.startswith("cell\\")
+    text.encode("utf-8")  # printable: no lone surrogate from a name that was not UTF-8
+
+
+def test_file_name_that_is_not_utf8_is_one_printable_line(tmp_path, instance_model_file, capsys):
+    odd = os.path.join(os.fsencode(tmp_path), b"cell\xff.tif")
+    tifffile.imwrite(tmp_path / "plain.tif", np.random.rand(40, 48).astype(np.float32))
+    os.rename(tmp_path / "plain.tif", odd)
+    code, out, err = _seg(["segment", os.fsdecode(odd), "--model", instance_model_file,
+                           "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert len(out.strip().splitlines()) == 1 and "cell\\xff" in out
+    assert os.path.exists(os.path.join(os.fsencode(tmp_path), b"o", b"cell\xff_labels.tif"))
+
+
 def test_longest_legal_output_name_is_written(tmp_path, instance_model_file, capsys):
     stem = "n" * (251 - len("_labels.tif"))
     tifffile.imwrite(tmp_path / f"{stem}.tif", np.random.rand(40, 48).astype(np.float32))

@@ -110,6 +110,29 @@ def check_output_file(out: str | os.PathLike, suffix: str = ".safetensors", what
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise BadInputError(f"cannot write {out}: folder {parent} does not exist")
-    if len(os.path.basename(out).encode()) > 255:
+    if len(os.fsencode(os.path.basename(out))) > 255:
         raise BadInputError(f"{what}: the file name is longer than 255 bytes")
     return out
+
+
+def check_run_files(out: str | os.PathLike | None, checkpoint: str | os.PathLike | None = None, *,
+                    overwrite: bool = True) -> None:
+    """The files a training run writes: ``out`` (the model) and ``checkpoint``.
+
+    Resolved (links followed) before they are compared: never the same file (the checkpoint
+    is removed at the end, and with it the model). The checkpoint is a regular file or
+    absent, in an existing folder (a FIFO would block the run forever). With
+    ``overwrite=False`` an existing ``out`` is refused rather than replaced.
+    """
+    if out is not None and not overwrite and os.path.lexists(out):
+        raise BadInputError(f"{out} exists: give --overwrite to replace it, or another --out")
+    if checkpoint is None:
+        return
+    checkpoint = os.fspath(checkpoint)
+    if os.path.exists(checkpoint) and not os.path.isfile(checkpoint):
+        raise BadInputError(f"--checkpoint {checkpoint} exists and is not a regular file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(checkpoint))):
+        raise BadInputError(f"--checkpoint {checkpoint}: its folder does not exist")
+    if out is not None and os.path.realpath(out) == os.path.realpath(checkpoint):
+        raise BadInputError(f"--checkpoint and --out are the same file ({checkpoint}): the checkpoint "
+                            "is removed when training ends; give it another name")

@@ -66,12 +66,13 @@ def _temp_affixes(target: Path) -> tuple[str, str]:
     lower = name.lower()
     ext = next((s for s in _KNOWN_SUFFIXES if lower.endswith(s)), "")
     if not ext:
-        ext = target.suffix if len(target.suffix.encode()) <= 16 else ""
+        ext = target.suffix if len(os.fsencode(target.suffix)) <= 16 else ""
     suffix = f".part{ext}" if ext else ".part"
     stem = name[: len(name) - len(ext)] if ext else name
-    room = _NAME_MAX - len(suffix.encode()) - 8 - 2  # random part and the two dots
-    encoded = stem.encode()[: max(0, room)]
-    stem = encoded.decode(errors="ignore")
+    room = _NAME_MAX - len(os.fsencode(suffix)) - 8 - 2  # random part and the two dots
+    # names are bytes to the file system: a name that is not valid UTF-8 keeps its bytes
+    encoded = os.fsencode(stem)[: max(0, room)]
+    stem = os.fsdecode(encoded)
     return f".{stem}.", suffix
 
 
