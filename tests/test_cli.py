@@ -1,6 +1,7 @@
 """The command line: outputs, geometry, and one-line errors with status 2."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 import tifffile
 
 from napari_jointattn.cli import main
+from napari_jointattn.engine.models.model import load_model, save_model
 
 
 def run(args, capsys):
@@ -137,3 +139,93 @@ def test_api_names_resolve_lazily():
     assert set(napari_jointattn.__all__) <= set(dir(napari_jointattn))
     with pytest.raises(AttributeError):
         napari_jointattn.no_such_name  # noqa: B018
+
+
+def _train_args(tmp_path, blobs, saved_model, *extra):
+    image, labels = blobs
+    tifffile.imwrite(tmp_path / "i.tif", image)
+    tifffile.imwrite(tmp_path / "l.tif", labels)
+    return ["train", "--image", str(tmp_path / "i.tif"), "--labels", str(tmp_path / "l.tif"),
+            "--from", str(saved_model), "--epochs", "1", "--device", "cpu", *map(str, extra)]
+
+
+def test_train_never_replaces_or_deletes_a_model_it_was_not_told_to(tmp_path, blobs, saved_model,
+                                                                    capsys, monkeypatch):
+    from napari_jointattn.engine import training
+
+    def no_work(*a, **k):
+        raise AssertionError("training started although the output files were refused")
+
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"a model that took an hour")
+    monkeypatch.setattr(training, "train", no_work)
+    assert main(_train_args(tmp_path, blobs, saved_model, "--out", out)) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == b"a model that took an hour"
+    # the same file as checkpoint and output: the checkpoint is removed at the end, and the model with it
+    (tmp_path / "link.safetensors").symlink_to(out)
+    for checkpoint in (out, tmp_path / "link.safetensors", tmp_path / "." / "m.safetensors"):
+        assert main(_train_args(tmp_path, blobs, saved_model, "--out", out, "--overwrite",
+                                "--checkpoint", checkpoint)) == 2
+        err = capsys.readouterr().err
+        assert "same file" in err and len(err.strip().splitlines()) == 1, err
+    fifo = tmp_path / "ckpt.fifo"
+    os.mkfifo(fifo)  # opening it would block the run forever
+    assert main(_train_args(tmp_path, blobs, saved_model, "--out", tmp_path / "new.safetensors",
+                            "--checkpoint", fifo)) == 2
+    assert "not a regular file" in capsys.readouterr().err
+    assert out.read_bytes() == b"a model that took an hour"
+
+
+def test_train_overwrite_replaces_and_records_its_own_save_time(tmp_path, blobs, saved_model, capsys):
+    import datetime as dt
+
+    from napari_jointattn.engine.models.metadata import read_metadata
+
+    out = tmp_path / "m.safetensors"
+    out.write_bytes(b"old")
+    parent = read_metadata(saved_model)["provenance"]
+    code = main(_train_args(tmp_path, blobs, saved_model, "--out", out, "--overwrite"))
+    assert code == 0, capsys.readouterr().err
+    saved = read_metadata(out)["provenance"]["saved"]
+    age = dt.datetime.now(dt.timezone.utc) - dt.datetime.fromisoformat(saved)
+    assert dt.timedelta(0) <= age < dt.timedelta(minutes=5), (saved, parent.get("saved"))
+
+
+def test_a_saved_copy_never_keeps_its_parents_save_time(tmp_path, saved_model):
+    from napari_jointattn.engine.models.metadata import read_metadata
+
+    model = load_model(saved_model)
+    model.provenance = {**model.provenance, "saved": "2000-01-01T00:00:00+00:00", "code_version": "0.0.1"}
+    save_model(model, tmp_path / "copy.safetensors")
+    prov = read_metadata(tmp_path / "copy.safetensors")["provenance"]
+    assert not prov["saved"].startswith("2000") and prov["code_version"] != "0.0.1"
+
+
+def test_every_option_has_help(capsys):
+    import argparse
+
+    from napari_jointattn.cli import _parser
+
+    parser = _parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {'/'.join(action.option_strings) or action.dest}"
+               for name, sub in commands.choices.items() for action in sub._actions
+               if action.help is None]
+    assert missing == []
+
+
+def test_export_creates_the_folder_of_its_output(tmp_path, saved_model, capsys):
+    out = tmp_path / "new" / "deeper" / "m.pt"
+    code = main(["export", str(saved_model), "--format", "torchscript", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert out.is_file() and out.with_name("m.pt.json").is_file()
+
+
+def test_models_columns_hold_long_names(model_dir, saved_model, capsys):
+    import shutil
+
+    shutil.copy(saved_model, model_dir / ("a-very-long-model-name-" * 3 + ".safetensors"))
+    shutil.copy(saved_model, model_dir / "short.safetensors")
+    assert main(["models"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "classes:" in line]
+    assert len({line.index("classes:") for line in rows}) == 1, rows

@@ -31,6 +31,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{PROG}: error: {one_line(message)}\n")
 
 
+AXIS_HELP = "slice 3-D stacks along this axis (TIFF default 0; NIfTI: the axial axis)"
+
+
 def _axis(text: str) -> int:
     """--axis: an integer in [-3, 2], checked before any work (as segment checks it)."""
     try:
@@ -85,7 +88,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, metavar="DIR", help="output folder (created if missing)")
     _device_args(s)
     s.add_argument("--axis", type=_axis, default=None,
-                   help="slice 3-D stacks along this axis (TIFF default 0; NIfTI: the axial axis)")
+                   help=AXIS_HELP)
     s.add_argument("--attention", action="store_true",
                    help="also write attention maps, one file per map with the image's shape: "
                         "DIR/<stem>_attention_<map>.tif (.nii.gz for NIfTI input)")
@@ -103,46 +106,57 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="score a model against reference labels (prints JSON)")
     e.add_argument("--model", default="nuclei", help="preset name or model file")
-    e.add_argument("--image", action="append", required=True, metavar="I")
-    e.add_argument("--labels", action="append", required=True, metavar="L")
+    e.add_argument("--image", action="append", required=True, metavar="I",
+                   help="image file to segment and score (repeat for several)")
+    e.add_argument("--labels", action="append", required=True, metavar="L",
+                   help="reference labels for the preceding --image")
     _device_args(e)
-    e.add_argument("--axis", type=_axis, default=None)
+    e.add_argument("--axis", type=_axis, default=None,
+                   help=AXIS_HELP)
     e.add_argument("--knockout", action="store_true",
                    help="also score with each attention module knocked out (what each one changes)")
 
     t = sub.add_parser("train", help="train or fine-tune a model on annotated images")
-    t.add_argument("--image", action="append", required=True, metavar="I")
+    t.add_argument("--image", action="append", required=True, metavar="I",
+                   help="annotated image file (repeat for several, each with its --labels)")
     t.add_argument("--labels", action="append", required=True, metavar="L",
                    help="label image for the preceding --image (0 everywhere = unannotated)")
     t.add_argument("--mask", action="append", metavar="M",
                    help="optional annotated-region mask per image (nonzero = annotated)")
     t.add_argument("--from", dest="start", default="nuclei", metavar="PRESET|PATH",
                    help="start model (default: nuclei)")
-    t.add_argument("--out", required=True, metavar="OUT.safetensors")
+    t.add_argument("--out", required=True, metavar="OUT.safetensors",
+                   help="the trained model file (refused if it exists, unless --overwrite)")
+    t.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     t.add_argument("--classes", help="comma-separated class names (default: the start model's)")
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--max-seconds", type=float, default=None)
-    t.add_argument("--lr", type=float, default=2e-3)
-    t.add_argument("--val-fraction", type=float, default=0.2)
+    t.add_argument("--epochs", type=int, default=30, help="at most this many epochs (default 30)")
+    t.add_argument("--max-seconds", type=float, default=None,
+                   help="time budget in seconds; the best weights so far are kept when it ends")
+    t.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW (default 0.002)")
+    t.add_argument("--val-fraction", type=float, default=0.2,
+                   help="share of the annotations held out for validation (default 0.2)")
     t.add_argument("--split", default="auto", choices=SPLITS,
                    help="training/validation split (default auto: by image, by slices, by a strip; "
                         "see docs/training.md)")
-    t.add_argument("--no-augment", action="store_true")
-    t.add_argument("--seed", type=_seed, default=0)
+    t.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    t.add_argument("--seed", type=_seed, default=0, help="random seed of the run (default 0)")
     t.add_argument("--batch-size", type=_positive, default=8, metavar="B",
                    help="crops per step (under torchrun: the global batch, shared by the processes)")
     t.add_argument("--checkpoint", metavar="PATH",
                    help="resume from PATH if it exists; written after every epoch, removed at the end")
-    t.add_argument("--axis", type=_axis, default=None)
+    t.add_argument("--axis", type=_axis, default=None,
+                   help=AXIS_HELP)
     t.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
 
     x = sub.add_parser("export", help="export a model for other software (bioimage.io, ONNX, TorchScript)",
                        description="Export a model: a bioimage.io package (.zip), ONNX (.onnx) or "
                                    "TorchScript (.pt, with a .json sidecar). See docs/export.md.")
     x.add_argument("model", metavar="MODEL", help="preset name or model file")
-    x.add_argument("--format", required=True, choices=("bioimageio", "onnx", "torchscript"))
+    x.add_argument("--format", required=True, choices=("bioimageio", "onnx", "torchscript"),
+                   help="bioimageio (a validated .zip package), onnx or torchscript")
     x.add_argument("--out", required=True, metavar="PATH",
-                   help="output file: .zip (bioimageio), .onnx or .pt; replaced if it exists")
+                   help="output file: .zip (bioimageio), .onnx or .pt; its folder is created if "
+                        "missing; replaced if it exists")
     x.add_argument("--sample", metavar="IMAGE",
                    help="2-D image for the checks, test tensors and cover (default: a bundled sample)")
 
@@ -259,7 +273,7 @@ def cmd_evaluate(args) -> int:
 def cmd_train(args) -> int:
     import signal
 
-    from .engine.checks import check_classes, check_output_file
+    from .engine.checks import check_classes, check_output_file, check_run_files
     from .engine.devices import resolve_device
     from .engine.errors import BadInputError
     from .engine.io.files import check_regular_file
@@ -273,8 +287,7 @@ def cmd_train(args) -> int:
         raise BadInputError(f"{len(args.mask)} --mask for {len(args.image)} --image")
     # every argument is checked before any file is read or any step is taken
     check_output_file(args.out)
-    if args.checkpoint is not None and not Path(args.checkpoint).resolve().parent.is_dir():
-        raise BadInputError(f"--checkpoint {args.checkpoint}: its folder does not exist")
+    check_run_files(args.out, args.checkpoint, overwrite=args.overwrite)
     classes = check_classes([c.strip() for c in args.classes.split(",")], "--classes") \
         if args.classes is not None else None
     TrainSettings(epochs=args.epochs, max_seconds=args.max_seconds, lr=args.lr,
@@ -333,6 +346,7 @@ def cmd_export(args) -> int:
 
     if args.sample is not None:
         check_regular_file(args.sample, "image file")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # as segment creates its --out folder
     result = export_model(args.model, args.format, args.out, sample=args.sample)
     print(f"{_show(result.path)}: {args.format} export in {result.seconds:.1f} s"
           + "".join(f", {_show(p.name)}" for p in result.files[1:]))
@@ -359,6 +373,7 @@ def cmd_models(args) -> int:
              "metadata": r["metadata"], "error": r["error"]} for r in rows]), indent=2, allow_nan=False))
         return 0
     print(f"model folder: {_show(model_dir())}")
+    width = max([20, *(len(_show(r["name"])) for r in rows)])  # long names keep the columns
     for r in rows:
         meta = r["metadata"]
         classes = ", ".join(_show(c) for c in meta["classes"]) if meta else "-"
@@ -368,7 +383,7 @@ def cmd_models(args) -> int:
             state, desc = "  [no bundled weights]", r["description"]
         else:
             state, desc = "", r["description"]
-        print(f"{r['kind']:6s} {_show(r['name']):20s} classes: {classes}{state}\n       {_show(desc)}")
+        print(f"{r['kind']:6s} {_show(r['name']):{width}s} classes: {classes}{state}\n       {_show(desc)}")
     return 0
 
 

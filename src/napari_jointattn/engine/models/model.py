@@ -212,17 +212,22 @@ def load_model(name: str | os.PathLike | Model) -> Model:
 
 
 def save_model(model: Model, path: str | os.PathLike) -> Path:
-    """Write ``model`` atomically as one safetensors file with its metadata."""
+    """Write ``model`` atomically as one safetensors file with its metadata.
+
+    ``provenance.saved`` and ``provenance.code_version`` are always this save's.
+    """
     from safetensors.torch import save
 
     path = Path(path)
     if path.suffix != MODEL_SUFFIX:
         raise BadInputError(f"model files end in {MODEL_SUFFIX}: {path.name}")
     meta = model.metadata()
+    # this file's own save time and code version: a fine-tuned model's provenance starts as a copy
+    # of its parent's, whose values must not stand for this file
     meta["provenance"] = {
+        **meta["provenance"],
         "code_version": __version__,
         "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        **meta["provenance"],
     }
     meta = finite_json(meta)
     text = json.dumps(meta, allow_nan=False)
