@@ -128,6 +128,11 @@ def build_samples(
         counts += np.bincount(t[m], minlength=k)[:k]
     if (counts[1:] == 0).all():
         raise BadInputError("the annotations contain no foreground class: label some objects first")
+    if np.count_nonzero(counts) < 2:
+        # a score on pixels of one class says nothing (predicting that class everywhere is perfect)
+        only = model.classes[int(np.flatnonzero(counts)[0])]
+        raise BadInputError(f"the annotations hold only one class ({only}): mark some background too "
+                            "(erase, or paint label 0, where there is no object)")
 
     samples = [Sample(x, t, m.copy(), np.zeros_like(m), w, i, z) for i, z, x, t, m, w in planes]
     if val_fraction is None:  # every annotated pixel trains (the live loop)
@@ -179,6 +184,9 @@ def annotation_summary(labels: Sequence[np.ndarray], num_classes: int, classes: 
         warnings_.append("no annotated pixels: paint some labels first")
     elif (counts[1:] == 0).all():
         warnings_.append("only background is annotated: label some objects")
+    elif np.count_nonzero(counts) < 2:
+        warnings_.append(f"only one class is annotated ({classes[int(np.flatnonzero(counts)[0])]}): "
+                         "mark some background too")
     elif counts[1:].sum() < 200:
         warnings_.append(f"very little foreground ({int(counts[1:].sum())} pixels): results will be poor")
     elif planes < 2 and counts.sum() < 4096:
