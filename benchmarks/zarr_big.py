@@ -34,6 +34,8 @@ import numpy as np
 def write_input(path: Path, size: int, chunk: int = 1024) -> None:
     import tifffile
     import zarr
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_multiscales_metadata
 
     import napari_jointattn
 
@@ -53,10 +55,10 @@ def write_input(path: Path, size: int, chunk: int = 1024) -> None:
     for y in range(0, size // 8, chunk):
         rows = np.asarray(level0[y * 8:(y + chunk) * 8:8, ::8])
         level1[y:y + rows.shape[0], :] = rows
-    group.attrs["multiscales"] = [{
-        "version": "0.4", "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1]}]},
-                     {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [8, 8]}]}]}]
+    write_multiscales_metadata(group, [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1, 1]}]},
+        {"path": "1", "coordinateTransformations": [{"type": "scale", "scale": [8, 8]}]}],
+        fmt=FormatV04(), axes=["y", "x"])
 
 
 def run_reference(size: int, model: str) -> dict:

@@ -112,3 +112,58 @@ def test_cli_workers_and_scheduler_are_exclusive(folder, tmp_path, capsys):
     assert "not allowed with" in capsys.readouterr().err
     assert main(["segment", str(folder), "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
     assert "positive integer" in capsys.readouterr().err
+
+
+def test_two_runs_on_one_scheduler_get_their_own_results(tmp_path):
+    """Files of the same names in two folders, segmented at the same time on one scheduler."""
+    import threading
+
+    folders = {}
+    for run, seeds in (("a", (10, 11)), ("b", (20, 21))):
+        folders[run] = tmp_path / run
+        folders[run].mkdir()
+        for i, seed in enumerate(seeds):
+            tifffile.imwrite(folders[run] / f"img{i}.tif", _disks(seed, 96))
+    expected = {}
+    for run, folder in folders.items():
+        segment_files([folder], tmp_path / f"reference-{run}", "nuclei")
+        expected[run] = _outputs(tmp_path / f"reference-{run}")
+    for name in expected["a"]:
+        assert not np.array_equal(expected["a"][name], expected["b"][name]), name
+
+    # each run waits at its first result for the other's: so both runs' tasks are on the
+    # scheduler at once, whichever submits first
+    met = threading.Barrier(2, timeout=120)
+    reports, errors = {}, []
+
+    def run(name, client):
+        first = []
+
+        def on_result(item):
+            if not first:
+                first.append(item)
+                met.wait()
+
+        try:
+            reports[name] = segment_files([folders[name]], tmp_path / f"out-{name}", "nuclei",
+                                          scheduler=client, on_result=on_result)
+        except Exception as exc:  # noqa: BLE001 - reported below, with the other run's outcome
+            errors.append(exc)
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None, silence_logs=50) as cluster, \
+            distributed.Client(cluster) as client:
+        threads = [threading.Thread(target=run, args=(name, client)) for name in folders]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    for name, folder in folders.items():
+        report = reports[name]
+        assert not report.failed, report.failed
+        assert sorted(r.input for r in report.done) == sorted(folder.glob("*.tif"))
+        got = _outputs(tmp_path / f"out-{name}")
+        assert set(got) == set(expected[name])
+        for file, labels in expected[name].items():
+            np.testing.assert_array_equal(got[file], labels, err_msg=f"{name}/{file}")

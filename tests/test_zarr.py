@@ -120,3 +120,143 @@ def test_ome_zarr_output_names(tmp_path):
 
     assert output_paths(Path("/d/plate.ome.zarr"), tmp_path) == [tmp_path / "plate_labels.zarr"]
     assert output_paths(Path("/d/scan.zarr/"), tmp_path) == [tmp_path / "scan_labels.zarr"]
+
+
+@pytest.fixture
+def labelling(monkeypatch):
+    """Blocks segmented by thresholding and 4-connected labelling instead of the network:
+    objects of known shape, so that what the joining across block edges makes is known."""
+    from types import SimpleNamespace
+
+    from skimage.measure import label
+
+    from napari_jointattn.engine.inference import segment as inference
+
+    def segment(region, model, **kwargs):
+        return SimpleNamespace(labels=label(np.asarray(region) > 0.5, connectivity=1))
+
+    monkeypatch.setattr(inference, "segment", segment)
+    return lambda image: label(image > 0.5, connectivity=1)
+
+
+def _chain_image() -> np.ndarray:
+    """128 x 320 (2 x 5 blocks of 64): a snake through all ten blocks, a dot inside one block,
+    two bars that cross the same edge side by side without touching."""
+    img = np.zeros((128, 320), np.float32)
+    img[10:20, 10:300] = 1  # along the top row of blocks
+    img[10:110, 290:300] = 1  # down across the middle edge
+    img[100:110, 30:300] = 1  # back along the bottom row
+    img[40:50, 140:150] = 1
+    img[30:95, 70:74] = 1
+    img[30:95, 80:84] = 1
+    return img
+
+
+def _same_objects(got: np.ndarray, whole: np.ndarray) -> bool:
+    """The same pixels, split into the same objects (ids may differ)."""
+    if not np.array_equal(got > 0, whole > 0):
+        return False
+    fg = got > 0
+    pairs = np.unique(np.stack([got[fg], whole[fg]]), axis=1).shape[1]
+    return pairs == len(np.unique(got[fg])) == len(np.unique(whole[fg]))
+
+
+def test_objects_chained_across_many_blocks_become_one_object_each(labelling, tmp_path):
+    img = _chain_image()
+    report = segment_zarr(img, tmp_path / "out.zarr", "nuclei", block=64, halo=16)
+    assert report.complete and report.blocks == 10 and report.joined >= 10
+    got = zarr.open_array(str(tmp_path / "out.zarr" / "0"), mode="r")[:]
+    whole = labelling(img)
+    assert whole.max() == 4
+    assert _same_objects(got, whole)
+    snake = np.unique(got[10:20, 10:300])
+    assert len(snake) == 1 and snake[0] == got[105, 40] == got[60, 295]
+
+
+def test_store_attributes_read_back_with_ome_zarr(labelling, tmp_path):
+    pytest.importorskip("ome_zarr")
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Label, Multiscales, Reader
+
+    from napari_jointattn.engine.models.model import new_model
+    from napari_jointattn.model import DenseUNetConfig
+
+    img = _chain_image()[None]  # one plane of a z stack
+    segment_zarr(img, tmp_path / "nuclei.zarr", "nuclei", block=64)
+    tiny = DenseUNetConfig(stem_channels=8, growth=4, block_layers=(1, 1),
+                           decoder_channels=(8, 8, 8), head_channels=4, attention_dim=8,
+                           attention_levels=(1,))
+    semantic = new_model(config=tiny, classes=["background", "cell", "membrane"])
+    segment_zarr(img, tmp_path / "classes.zarr", semantic, block=64)
+    for name in ("nuclei", "classes"):
+        node = next(iter(Reader(parse_url(str(tmp_path / f"{name}.zarr")))()))
+        assert node.first(Multiscales) is not None and node.first(Label) is not None
+        assert [d.shape for d in node.data] == [img.shape]
+        assert [ax["name"] for ax in node.metadata["axes"]] == ["z", "y", "x"]
+        scale = [{"type": "scale", "scale": [1.0] * 3}]
+        assert node.metadata["coordinateTransformations"] == [scale]
+    attrs = zarr.open_group(str(tmp_path / "classes.zarr"), mode="r").attrs
+    assert attrs["image-label"] == {"version": "0.4", "properties": [
+        {"label-value": 1, "class": "cell"}, {"label-value": 2, "class": "membrane"}]}
+    instances = zarr.open_group(str(tmp_path / "nuclei.zarr"), mode="r").attrs["image-label"]
+    assert instances == {"version": "0.4"}
+
+
+def test_axes_without_types_are_kept_and_impossible_axes_are_one_line_errors(labelling, tmp_path):
+    img = _chain_image()
+    group = zarr.open_group(str(tmp_path / "untyped.zarr"), mode="w", zarr_format=2)
+    group.create_array("0", shape=img.shape, chunks=(64, 64), dtype=img.dtype)[:] = img
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": "y"}, {"name": "x"}],
+                                   "datasets": [{"path": "0"}]}]
+    report = segment_zarr(tmp_path / "untyped.zarr", tmp_path / "out.zarr", "nuclei", block=64)
+    assert report.complete
+    axes = zarr.open_group(str(tmp_path / "out.zarr"), mode="r").attrs["multiscales"][0]["axes"]
+    assert axes == [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    with pytest.raises(BadInputError, match="2 to 5 axes"):
+        segment_zarr(np.zeros((1,) * 4 + (64, 64), np.float32), tmp_path / "6d.zarr", "nuclei")
+    assert not (tmp_path / "6d.zarr").exists()
+
+
+def test_two_runs_on_one_scheduler_write_their_own_stores(labelling, tmp_path):
+    """Stores of the same name in two folders, segmented at the same time on one scheduler."""
+    import threading
+
+    distributed = pytest.importorskip("distributed")
+    images = {"a": _chain_image()[:, :256], "b": _chain_image()[::-1, 64:]}
+    for run, img in images.items():
+        (tmp_path / run).mkdir()
+        zarr.open_array(str(tmp_path / run / "img.zarr"), mode="w", shape=img.shape,
+                        chunks=(64, 64), dtype=img.dtype, zarr_format=2)[:] = img
+    # each run waits at its first block for the other's: both runs' blocks are on the scheduler
+    # at once
+    met = threading.Barrier(2, timeout=120)
+    reports, errors = {}, []
+
+    def run(name, client):
+        first = []
+
+        def on_block(done, total):
+            if not first:
+                first.append(done)
+                met.wait()
+
+        try:
+            reports[name] = segment_zarr(tmp_path / name / "img.zarr", tmp_path / name / "out.zarr",
+                                         "nuclei", block=64, client=client, on_block=on_block)
+        except Exception as exc:  # noqa: BLE001 - reported below, with the other run's outcome
+            errors.append(exc)
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None, silence_logs=50) as cluster, \
+            distributed.Client(cluster) as client:
+        threads = [threading.Thread(target=run, args=(name, client)) for name in images]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    for name, img in images.items():
+        report = reports[name]
+        assert report.complete and report.done == report.blocks == 8 and not report.failed
+        got = zarr.open_array(str(tmp_path / name / "out.zarr" / "0"), mode="r")[:]
+        assert _same_objects(got, labelling(img)), name

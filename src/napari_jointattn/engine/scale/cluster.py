@@ -24,12 +24,15 @@ task is:
   incomplete store.
 * An input that cannot be segmented (a broken file) fails its task alone: the
   others go on, and the failure is reported with the file's name.
+* Runs may share a scheduler: each run's task keys hold a token of its own, so
+  files of the same name in two runs at once are two tasks, each with its own result.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,8 +245,11 @@ def _run_on_cluster(plan: Plan, model_ref, loaded, options: dict, record, worker
         if files and isinstance(model_ref, Model):  # sent to every worker once, not with every task
             model_ref = client.scatter(model_ref, broadcast=True)
         groups = [files[i:i + files_per_task] for i in range(0, len(files), files_per_task)]
+        # a scheduler hands a key already in use the existing task's result: another run's,
+        # for files of the same name; so keys are this run's
+        run = uuid.uuid4().hex
         futures = {client.submit(_task, group, model_ref, options, threads, pure=False,
-                                 key=f"segment-{i}-{group[0].input.name}"): group
+                                 key=f"segment-{group[0].input.name}-{run}-{i}"): group
                    for i, group in enumerate(groups)}
         n_workers = len(client.scheduler_info().get("workers", {}))
         for future in as_completed(futures):

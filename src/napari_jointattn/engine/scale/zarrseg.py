@@ -14,10 +14,14 @@ the other, or on a dask.distributed cluster (``client=``, see
 * **Intensities** are normalised with one value range for the whole image,
   estimated from a low-resolution level (or from windows spread over the
   image), so that blocks agree with each other.
-* **Output**: an OME-Zarr (0.4, Zarr format 2) image group with one level,
+* **Output**: an OME-Zarr (0.4, Zarr format 2) label image group with one level,
   ``0``, of the input's shape, chunks of one block, the labels of the model
-  (class ids, or instance ids for instance models). Its attributes say what
-  made it (``napari-jointattn``: model, source, block, halo, ``complete``).
+  (class ids, or instance ids for instance models). Its ``multiscales`` and
+  ``image-label`` attributes (the class names of a semantic model as label
+  properties) are written by ome-zarr's writer, which checks them against the
+  specification; the input's axes are kept, those of a plain array are named by
+  its dimensions (``yx``, ``zyx``, ``tzyx``, ``tczyx``). Its ``napari-jointattn``
+  attributes say what made it (model, source, block, halo, ``complete``).
 * **Incomplete is visible**: ``complete`` is false until every block is
   written and (for instances) objects are joined across block edges. Each
   finished block leaves a marker (``.napari-jointattn/blocks/``), written after
@@ -28,8 +32,12 @@ the other, or on a dask.distributed cluster (``client=``, see
   block-with-margin; its core gets ids ``block_number * 2**20 + local id``.
   For every core-edge pixel whose object (in this block's own labelling)
   continues across the edge, the block records its id; once all blocks exist,
-  those ids are joined with the ids the neighbour wrote on the other side, and
-  the chunks concerned are relabelled. Ids are unique but not consecutive.
+  those ids are paired with the ids the neighbour wrote on the other side; each
+  connected component of the graph of pairs (scipy's ``connected_components``) is
+  one object, with the component's smallest id, and the chunks concerned are
+  relabelled. Ids are unique but not consecutive.
+* **Runs sharing a scheduler**: each run's task keys hold a token of its own, so
+  two runs at once (even into stores of the same name) never share a task.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import math
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,9 +203,63 @@ def _settings(source: str, model, block: int, halo: int, tile: int, lo_hi) -> di
             "value_range": [float(lo_hi[0]), float(lo_hi[1])]}
 
 
+#: axis names of labels made from an array without axes of its own, by its number of dimensions
+_PLAIN_AXES = {2: "yx", 3: "zyx", 4: "tzyx", 5: "tczyx"}
+
+
+def _ome():
+    """ome-zarr's OME-Zarr 0.4 format and metadata writer."""
+    try:
+        from ome_zarr import writer
+        from ome_zarr.format import FormatV04
+    except ImportError as exc:
+        raise BadInputError("Zarr labels stores need the ome-zarr package: "
+                            "pip install 'napari-jointattn[zarr]'") from exc
+    return FormatV04(), writer
+
+
+def _output_axes(src: ZarrInput) -> list:
+    """The labels' OME axes: the input's, else names by dimensions; checked against the
+    specification (2 to 5 axes, types in order) before anything is written."""
+    fmt, _ = _ome()
+    from ome_zarr.axes import KNOWN_AXES, Axes
+
+    ndim = src.array.ndim
+    if not src.axes and ndim not in _PLAIN_AXES:
+        raise BadInputError(f"a {ndim}-D array: OME-Zarr labels have 2 to 5 axes; "
+                            "segment a part of it (e.g. write it to its own array)")
+    # a 0.4 axis may omit its type; ome-zarr's validation counts such axes as unknown
+    axes = [{**ax, "type": KNOWN_AXES[ax["name"]]}
+            if isinstance(ax, dict) and "type" not in ax and ax.get("name") in KNOWN_AXES else ax
+            for ax in src.axes] or list(_PLAIN_AXES[ndim])
+    if len(axes) != ndim:
+        raise BadInputError(f"the image's OME metadata names {len(axes)} axes "
+                            f"for {ndim} dimensions")
+    try:
+        return Axes(axes, fmt=fmt).to_list(fmt)
+    except ValueError as exc:
+        raise BadInputError(f"the image's axes cannot be written as OME-Zarr {fmt.version}: "
+                            f"{exc}") from exc
+
+
+def _write_ome_metadata(group, axes: list, model) -> None:
+    """The OME-Zarr 0.4 attributes of a one-level label image, by ome-zarr's writer:
+    ``multiscales`` and ``image-label`` (with the class names of a semantic model)."""
+    fmt, writer = _ome()
+    scale = [{"type": "scale", "scale": [1.0] * len(axes)}]
+    level = {"path": "0", "coordinateTransformations": scale}
+    writer.write_multiscales_metadata(group, [level], fmt=fmt, axes=axes, name="labels")
+    label: dict = {"version": fmt.version}
+    if not model.instances:
+        label["properties"] = [{"label-value": value, "class": name}
+                               for value, name in enumerate(model.classes) if value > 0]
+    writer.add_metadata(group, {"image-label": label}, fmt=fmt)
+
+
 def _prepare_output(dst: Path, src: ZarrInput, model, settings: dict, overwrite: bool):
     """Create ``dst`` or open it to resume; returns the labels array."""
     zarr = _zarr()
+    axes = _output_axes(src)
     dtype = np.uint32 if model.instances else np.uint8
     if dst.exists():
         try:
@@ -227,13 +290,7 @@ def _prepare_output(dst: Path, src: ZarrInput, model, settings: dict, overwrite:
     if model.instances and len(blocks_of(shape, block)) >= 2 ** (32 - ID_BITS):
         dtype = np.uint64
     labels = group.create_array("0", shape=shape, chunks=chunks, dtype=dtype, fill_value=0)
-    axes = src.axes or ([{"name": n, "type": "space"} for n in "zyx"[-len(shape):]]
-                        if len(shape) <= 3 else [{"name": f"d{i}"} for i in range(len(shape) - 2)]
-                        + [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}])
-    group.attrs["multiscales"] = [{
-        "version": "0.4", "name": "labels", "axes": axes,
-        "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * len(shape)}]}],
-    }]
+    _write_ome_metadata(group, axes, model)
     mine = {**settings, "complete": False, "classes": list(model.classes), "instances": bool(model.instances)}
     group.attrs[ATTRS_KEY] = mine
     (dst / MARKERS).mkdir(parents=True, exist_ok=True)
@@ -302,56 +359,58 @@ def segment_block(src_path, dst_path: str, b: Block, model, settings: dict, devi
 
 
 def _join_instances(dst: Path, labels, blocks: list[Block]) -> int:
-    """Join ids of objects cut by block edges; relabel the chunks concerned. Returns the joins made."""
-    parent: dict[int, int] = {}
+    """Join ids of objects cut by block edges; relabel the chunks concerned. Returns the joins made.
 
-    def find(a: int) -> int:
-        root = a
-        while parent.get(root, root) != root:
-            root = parent[root]
-        while parent.get(a, a) != root:
-            parent[a], a = root, parent[a]
-        return root
+    The ids that touch across block edges are the edges of a graph; each of its connected
+    components becomes one object, with the smallest id of the component.
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    joins = 0
+    h, w = labels.shape[-2:]
+    mine, theirs = [], []
     for b in blocks:
+        # per side: whether a neighbour lies beyond it, and the neighbour's line of pixels along it
+        beyond = {"top": (b.y0 > 0, (b.y0 - 1, slice(b.x0, b.x1))),
+                  "bottom": (b.y1 < h, (b.y1, slice(b.x0, b.x1))),
+                  "left": (b.x0 > 0, (slice(b.y0, b.y1), b.x0 - 1)),
+                  "right": (b.x1 < w, (slice(b.y0, b.y1), b.x1))}
         with np.load(_marker(dst, b)) as edges:
-            for side in ("top", "bottom", "left", "right"):
-                if side + "_at" not in edges or edges[side + "_at"].size == 0:
+            for side, (neighbour, line) in beyond.items():
+                if not neighbour or side + "_at" not in edges or edges[side + "_at"].size == 0:
                     continue
                 at, ids = edges[side + "_at"], edges[side + "_id"]
-                if side == "top":
-                    theirs = labels[b.plane + (b.y0 - 1, slice(b.x0, b.x1))][at] if b.y0 > 0 else None
-                elif side == "bottom":
-                    theirs = labels[b.plane + (b.y1, slice(b.x0, b.x1))][at] if b.y1 < labels.shape[-2] else None
-                elif side == "left":
-                    theirs = labels[b.plane + (slice(b.y0, b.y1), b.x0 - 1)][at] if b.x0 > 0 else None
-                else:
-                    theirs = labels[b.plane + (slice(b.y0, b.y1), b.x1)][at] if b.x1 < labels.shape[-1] else None
-                if theirs is None:
-                    continue
-                for a, t in zip(ids.tolist(), np.asarray(theirs).tolist()):
-                    if t and find(a) != find(t):
-                        ra, rt = find(a), find(t)
-                        parent[max(ra, rt)] = min(ra, rt)
-                        joins += 1
-    if not parent:
+                across = np.asarray(labels[b.plane + line])[at].astype(np.uint64)
+                mine.append(ids[across > 0])
+                theirs.append(across[across > 0])
+    pairs = np.concatenate(mine + theirs) if mine else np.empty(0, np.uint64)
+    if pairs.size == 0:
         return 0
-    keys = np.array(sorted(parent), dtype=np.uint64)
-    values = np.array([find(int(k)) for k in keys], dtype=np.uint64)
+    nodes, index = np.unique(pairs, return_inverse=True)
+    half = index.size // 2  # this block's ids first, then the ids across the edge, pair by pair
+    # one edge per pair of ids, however many pixels they touch at
+    touching = np.unique(np.stack([index[:half], index[half:]], axis=1), axis=0)
+    graph = coo_matrix((np.ones(len(touching), np.int8), (touching[:, 0], touching[:, 1])),
+                       shape=(nodes.size,) * 2)
+    n_objects, component = connected_components(graph, directed=False)
+    # nodes are sorted, so the first node of each component holds its smallest id
+    first = np.full(n_objects, nodes.size, np.int64)
+    np.minimum.at(first, component, np.arange(nodes.size))
+    roots = nodes[first[component]]
+    moved = roots != nodes
+    keys, values = nodes[moved], roots[moved]
     owners = {int(k) >> ID_BITS for k in keys}
     for b in blocks:
         if b.number not in owners:  # no id of this chunk is joined to a smaller one
             continue
         where = b.plane + (slice(b.y0, b.y1), slice(b.x0, b.x1))
         chunk = np.asarray(labels[where]).astype(np.uint64)
-        pos = np.searchsorted(keys, chunk)
-        pos = np.clip(pos, 0, len(keys) - 1)
+        pos = np.clip(np.searchsorted(keys, chunk), 0, len(keys) - 1)
         hit = keys[pos] == chunk
         if hit.any():
             chunk[hit] = values[pos[hit]]
             labels[where] = chunk.astype(labels.dtype)
-    return joins
+    return int(nodes.size - n_objects)
 
 
 def segment_zarr(
@@ -421,8 +480,11 @@ def segment_zarr(
         from ..errors import one_line
 
         ref = client.scatter(model, broadcast=True)
-        futures = {client.submit(segment_block, str(src), str(dst), b, ref, settings, device, threads,
-                                 pure=False, key=f"block-{dst.name}-{b.number}"): b for b in todo}
+        # a scheduler hands a key already in use the existing task's result: keys are this run's
+        run = uuid.uuid4().hex
+        futures = {client.submit(segment_block, str(src), str(dst), b, ref, settings, device,
+                                 threads, pure=False, key=f"block-{dst.name}-{run}-{b.number}"): b
+                   for b in todo}
         for future in as_completed(futures):
             try:
                 future.result()
