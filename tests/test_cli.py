@@ -229,3 +229,15 @@ def test_models_columns_hold_long_names(model_dir, saved_model, capsys):
     assert main(["models"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if "classes:" in line]
     assert len({line.index("classes:") for line in rows}) == 1, rows
+
+
+def test_what_a_run_found_is_counted_and_spelt_right():
+    from napari_jointattn.engine.scale.batch import describe_found
+
+    one = np.zeros((4, 4), np.int32)
+    one[0, 0] = 7
+    assert describe_found(one, instances=True) == "1 object"
+    assert describe_found(np.arange(16).reshape(4, 4), instances=True) == "15 objects"
+    assert describe_found(np.ones((4, 4), np.uint8), instances=False) == "1 foreground class"
+    assert describe_found(np.array([[0, 1], [2, 2]]), instances=False) == "2 foreground classes"
+    assert describe_found(np.zeros((4, 4), np.uint8), instances=False) == "0 foreground classes"

@@ -165,13 +165,24 @@ class JobResult:
 
     input: Path
     written: list[Path]
-    #: "12 objects" / "2 classes present"
+    #: what was found: "12 objects" / "2 foreground classes" (describe_found)
     found: str
     seconds: float
     device: str
     notes: list[str] = field(default_factory=list)
     #: ways the image differs from the model's training data (one line each)
     fit_warnings: list[str] = field(default_factory=list)
+
+
+def describe_found(labels, instances: bool) -> str:
+    """"12 objects", "1 object", "2 foreground classes", "1 foreground class" (never background)."""
+    import numpy as np
+
+    if instances:
+        n = int(np.count_nonzero(np.unique(labels)))
+        return f"{n} object{'s' if n != 1 else ''}"
+    n = int(np.count_nonzero(np.bincount(labels.ravel().astype(np.int64))[1:]))
+    return f"{n} foreground class{'es' if n != 1 else ''}"
 
 
 def run_job(job: Job, model, *, device="auto", tile: int = 512, axis: int | None = None,
@@ -203,8 +214,7 @@ def run_job(job: Job, model, *, device="auto", tile: int = 512, axis: int | None
         written += write_attention({name: result.attention[name] for name in maps}, job.outputs[1:],
                                    like=img, overwrite=overwrite)
     written.insert(0, write_labels(job.outputs[0], result.labels, like=img, overwrite=overwrite))
-    n = int(result.labels.max()) if result.instances else len(np.unique(result.labels)) - 1
-    found = f"{n} objects" if result.instances else f"{n} classes present"
+    found = describe_found(result.labels, result.instances)
     notes = list(result.notes)
     if result.attention_changed is not None:
         from ..evaluation.knockout import describe_share
