@@ -4,12 +4,16 @@ A tiny network (as in test_robustness.py) keeps the default run short; the ``nuc
 is checked under ``-m slow``. The snippets of docs/export.md are extracted and run here.
 """
 
+import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -48,6 +52,63 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _global_state() -> dict:
+    return {"random": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.random.get_rng_state(),
+            "deterministic": torch.are_deterministic_algorithms_enabled()}
+
+
+def _changed(before: dict, now: dict) -> list[str]:
+    (_, keys, *rest), (_, keys_now, *rest_now) = before["numpy"], now["numpy"]
+    same = {"random": before["random"] == now["random"],
+            "numpy": np.array_equal(keys, keys_now) and rest == rest_now,
+            "torch": torch.equal(before["torch"], now["torch"]),
+            "deterministic": before["deterministic"] == now["deterministic"]}
+    return [name for name, ok in same.items() if not ok]
+
+
+@contextlib.contextmanager
+def kept_global_state():
+    """The Python, NumPy and PyTorch generators and PyTorch's deterministic switch are put back."""
+    state, warn_only = _global_state(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        yield
+    finally:
+        random.setstate(state["random"])
+        np.random.set_state(state["numpy"])
+        torch.random.set_rng_state(state["torch"])
+        torch.use_deterministic_algorithms(state["deterministic"], warn_only=warn_only)
+
+
+@contextlib.contextmanager
+def watched_global_state():
+    """Yields a list that gets the name of every process-wide state of :func:`kept_global_state`
+    another thread sees change while the block runs, or that differs after it. The block starts
+    from distinctive states (deterministic algorithms on, warnings only), restored afterwards."""
+    with kept_global_state():
+        random.seed(11)
+        np.random.seed(12)
+        torch.manual_seed(13)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        start = _global_state()
+        changed: list[str] = []
+        done = threading.Event()
+
+        def watch():
+            while not done.is_set():
+                changed.extend(c for c in _changed(start, _global_state()) if c not in changed)
+                time.sleep(0.002)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            yield changed
+        finally:
+            done.set()
+            watcher.join()
+            changed.extend(c for c in _changed(start, _global_state()) if c not in changed)
 
 
 def doc_blocks() -> list[str]:
@@ -162,10 +223,28 @@ def test_torchscript_runs_in_a_fresh_process_without_the_package(tiny, raw, tmp_
 
 
 @pytest.fixture(scope="module")
-def package(tiny, raw, tmp_path_factory):
+def package_export(tiny, raw, tmp_path_factory):
+    """The bioimage.io export, and the global states seen changing while it ran."""
     pytest.importorskip("bioimageio.core")
     out = tmp_path_factory.mktemp("bioimageio") / "tiny.zip"
-    return ex.export_model(tiny, "bioimageio", out, sample=raw[SMALL])
+    with watched_global_state() as changed:
+        result = ex.export_model(tiny, "bioimageio", out, sample=raw[SMALL])
+    return result, changed
+
+
+@pytest.fixture(scope="module")
+def package(package_export):
+    return package_export[0]
+
+
+def test_exports_leave_global_state_alone(tiny, raw, tmp_path, package_export):
+    """Segment and live training run in other threads during an export: no export (nor the
+    bioimage.io test run inside one) seeds or draws from the global generators or flips
+    PyTorch's deterministic switch, not even for a moment."""
+    with watched_global_state() as changed:
+        ex.export_model(tiny, "torchscript", tmp_path / "tiny.pt", sample=raw[SMALL])
+    assert changed == []
+    assert package_export[1] == []
 
 
 def test_bioimageio_package_is_validated_and_test_run(package, tiny):
@@ -205,11 +284,9 @@ def test_a_wrong_bioimageio_package_fails_its_test_run(package, tmp_path):
                 data = data.replace(b"max_percentile: 99.8", b"max_percentile: 60.0")
                 assert b"max_percentile: 60.0" in data
             dst.writestr(item, data)
-    before = torch.random.get_rng_state(), np.random.get_state()[1].copy()
-    check = ex.validate_package(broken, weight_format="onnx", stop_early=True)
-    # the test run seeds the global generators; validate_package gives the caller its states back
-    assert torch.equal(torch.random.get_rng_state(), before[0])
-    np.testing.assert_array_equal(np.random.get_state()[1], before[1])
+    with watched_global_state() as changed:  # the test run seeds the generators, in its own process
+        check = ex.validate_package(broken, weight_format="onnx", stop_early=True)
+    assert changed == []
     assert check["format"] in ("passed", "valid-format")
     assert check["status"] == "failed"
     assert any("output" in e.lower() for e in check["errors"]), check["errors"]
@@ -218,9 +295,9 @@ def test_a_wrong_bioimageio_package_fails_its_test_run(package, tmp_path):
 def test_bioimageio_doc_snippet(package):
     namespace: dict = {}
     exec(doc_blocks()[2], namespace)
-    # the test run seeds the global generators: keep this process's states; single calls: skip
-    # TorchScript's profiling passes
-    with ex.kept_random_state(), torch.jit.optimized_execution(False):
+    # the test run seeds the global generators: this process's states are put back; single
+    # calls: skip TorchScript's profiling passes
+    with kept_global_state(), torch.jit.optimized_execution(False):
         assert namespace["check_package"](str(package.path)) == "passed"
 
 

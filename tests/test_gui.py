@@ -179,6 +179,27 @@ def test_cancel_leaves_no_layer(qtbot, dock):
     assert "Cancelled" in widget.status.text()
 
 
+def test_cancel_while_the_worker_waits_for_a_thread(qtbot, dock, blobs, monkeypatch):
+    """Cancel lands after the click but before the worker starts: the run is cancelled."""
+    viewer, widget = dock
+    viewer.add_image(blobs[0], name="cells")
+    real = widget.controller.run_and_prepare
+
+    def late_start(*args, **kwargs):
+        widget.controller.cancel_event.set()  # what the Cancel button did while the worker queued
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(widget.controller, "run_and_prepare", late_start)
+    widget.segment_button.click()
+    wait_idle(qtbot, widget)
+    assert "cells labels" not in viewer.layers
+    assert widget.status.text() == "Cancelled: no layer was changed."
+    monkeypatch.undo()
+    widget.segment_button.click()  # the next click is not cancelled
+    wait_idle(qtbot, widget)
+    assert "cells labels" in viewer.layers
+
+
 def test_double_click_runs_one_worker(qtbot, dock, blobs, monkeypatch):
     viewer, widget = dock
     viewer.add_image(blobs[0], name="cells")
@@ -222,13 +243,23 @@ def test_stack_current_slice_only(qtbot, dock, blobs):
 
 
 def test_rgb_input(qtbot, dock, blobs):
+    """An RGB layer of grey pixels gives the labels of its grey image: six disks, six objects."""
     viewer, widget = dock
-    image, _ = blobs
-    rgb = np.repeat((image / image.max() * 255).astype(np.uint8)[..., None], 3, axis=-1)
-    viewer.add_image(rgb, name="rgb", rgb=True)
+    image, truth = blobs
+    grey = (image / image.max() * 255).astype(np.uint8)
+    viewer.add_image(np.repeat(grey[..., None], 3, axis=-1), name="rgb", rgb=True)
     widget.segment_button.click()
     wait_idle(qtbot, widget)
-    assert viewer.layers["rgb labels"].data.shape == image.shape
+    viewer.add_image(grey, name="grey")
+    widget.image_combo.setCurrentText("grey")
+    widget.segment_button.click()
+    wait_idle(qtbot, widget)
+    labels = viewer.layers["rgb labels"].data
+    assert labels.shape == image.shape and labels.max() == truth.max()
+    np.testing.assert_array_equal(labels, viewer.layers["grey labels"].data)
+    # one image left: closing the viewer then starts no fit check that would outlive the dock
+    viewer.layers.remove("grey")
+    qtbot.waitUntil(lambda: widget.fit_worker is None, timeout=30_000)
 
 
 def test_gui_stays_responsive_while_segmenting(qtbot, dock):

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
+#: the start of the names of the layers the Segment dock shows attention in; the names are
+#: built from keys and never read back: the layers are found by their metadata
 ATTENTION_PREFIX = "attention "
+#: metadata key of an attention map layer: the map's ``AttentionKey``
+ATTENTION_KEY = "jointattn_attention"
+#: metadata key of a query-mode layer: ``"row"`` (where the pixel looks) or ``"used"``
+QUERY_KEY = "jointattn_query"
 #: labels layers the docks create hold int32 ids, so any object id can be painted
 LABELS_DTYPE = np.int32
 
@@ -17,13 +24,23 @@ def labels_name(image_name: str) -> str:
 
 @dataclass
 class LayerInput:
-    """An image layer's data as the engine needs it, plus its geometry."""
+    """An image layer's data as the engine needs it, plus its geometry.
 
-    data: np.ndarray
+    ``source`` is the layer's full-resolution array as the layer holds it (numpy, dask,
+    zarr): making a ``LayerInput`` reads no pixels. :attr:`data` reads them.
+    """
+
+    source: object
     channel_axis: int | None
     scale: tuple
     translate: tuple
     spatial_shape: tuple
+
+    @cached_property
+    def data(self) -> np.ndarray:
+        """The pixels in memory, read on first use: for a lazy layer (dask, zarr) a read of the
+        whole array, so call it in a worker thread."""
+        return np.asarray(self.source)
 
 
 #: an image layer whose data is not in memory (multiscale, dask, zarr) and has more pixels than
@@ -61,21 +78,23 @@ def preview_data(layer, side: int = 1024) -> np.ndarray:
 
 
 def layer_input(layer, channel_axis: int | None = None) -> LayerInput:
-    """Data, channel axis and spatial geometry of an Image layer (level 0 of a multiscale one)."""
-    data = np.asarray(full_resolution(layer))
+    """Channel axis, spatial geometry and a reference to the data of an Image layer (level 0
+    of a multiscale one). Only metadata is read: cheap on the GUI thread for any layer."""
+    source = full_resolution(layer)
+    shape = tuple(source.shape)
     scale = tuple(layer.scale)
     translate = tuple(layer.translate)
     if getattr(layer, "rgb", False):
-        channel_axis = data.ndim - 1
-        spatial = data.shape[:-1]
+        channel_axis = len(shape) - 1
+        spatial = shape[:-1]
     elif channel_axis is not None:
-        channel_axis %= data.ndim
-        spatial = tuple(n for i, n in enumerate(data.shape) if i != channel_axis)
+        channel_axis %= len(shape)
+        spatial = tuple(n for i, n in enumerate(shape) if i != channel_axis)
         scale = tuple(s for i, s in enumerate(scale) if i != channel_axis)
         translate = tuple(t for i, t in enumerate(translate) if i != channel_axis)
     else:
-        spatial = data.shape
-    return LayerInput(data, channel_axis, scale, translate, tuple(spatial))
+        spatial = shape
+    return LayerInput(source, channel_axis, scale, translate, tuple(spatial))
 
 
 def current_index(viewer, layer, axis: int = 0) -> int:
@@ -85,5 +104,17 @@ def current_index(viewer, layer, axis: int = 0) -> int:
     return int(min(max(round(float(point[axis])), 0), n - 1))
 
 
+def attention_key(layer):
+    """The ``AttentionKey`` of an attention map layer the Segment dock made, else None
+    (whatever the layer's name)."""
+    return layer.metadata.get(ATTENTION_KEY)
+
+
+def is_attention_layer(layer) -> bool:
+    """Whether the Segment dock made ``layer`` to show attention (a map or a query heatmap)."""
+    return ATTENTION_KEY in layer.metadata or QUERY_KEY in layer.metadata
+
+
 def attention_layers(viewer) -> list:
-    return [layer for layer in viewer.layers if layer.name.startswith(ATTENTION_PREFIX)]
+    """The attention map layers the Segment dock made (found by their metadata, not names)."""
+    return [layer for layer in viewer.layers if attention_key(layer) is not None]

@@ -19,11 +19,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..engine.errors import BadInputError, Cancelled
+from ..model import AttentionKey
 from .layers import (
+    ATTENTION_KEY,
     ATTENTION_PREFIX,
     LABELS_DTYPE,
+    QUERY_KEY,
     LayerInput,
+    attention_key,
     current_index,
+    is_attention_layer,
     labels_name,
     layer_input,
     lazy_levels,
@@ -130,24 +135,38 @@ def downsample(data: np.ndarray, scale: tuple, translate: tuple, factor: int):
     return small, scale2, translate2
 
 
-def attention_layer_name(key: str) -> tuple[str, bool]:
-    """``"joint 1/8 pointwise"`` -> (``"attention joint 1/8"``, True); mixing maps get `` mix``."""
-    module, _, map_name = key.rpartition(" ")
-    pointwise = map_name == "pointwise"
-    return f"{ATTENTION_PREFIX}{module}" + ("" if pointwise else f" {map_name}"), pointwise
+def attention_layer_name(key: AttentionKey) -> str:
+    """The layer name a map is first shown under: ``AttentionKey("joint", 8, "pointwise")`` ->
+    ``"attention joint 1/8"`` (the module's map), other maps ``"attention joint 1/8 mix"``.
+    Only for display: layers are found again by the key in their metadata."""
+    shown = key.module if key.map == "pointwise" else key
+    return f"{ATTENTION_PREFIX}{shown.name}"
 
 
-def _colormap(key: str) -> str:
+def _colormap(key: AttentionKey) -> str:
     """Point-wise maps inferno, effect maps plasma, the others (mix) viridis."""
-    return {"pointwise": "inferno", "effect": "plasma"}.get(key.rpartition(" ")[2], "viridis")
+    return {"pointwise": "inferno", "effect": "plasma"}.get(key.map, "viridis")
 
 
-def _limits(key: str, data: np.ndarray) -> tuple[float, float]:
+def _limits(key: AttentionKey, data: np.ndarray) -> tuple[float, float]:
     """Sigmoid maps span [0, 1]; an effect map (|update| / |input|, unbounded) its own 99th percentile."""
-    if key.rpartition(" ")[2] != "effect":
+    if key.map != "effect":
         return (0.0, 1.0)
     top = float(np.nanpercentile(data, 99)) if data.size else 0.0
     return (0.0, top if np.isfinite(top) and top > 0 else 1.0)
+
+
+@dataclass
+class QueryRequest:
+    """A query-mode click, snapshotted on the GUI thread: :meth:`SegmentController.query`
+    reads no layer, so the layer list may change meanwhile."""
+
+    layer_id: object
+    model_key: str
+    tile: int
+    input: LayerInput
+    point: tuple[int, int]
+    slice_index: int | None
 
 
 @dataclass
@@ -196,6 +215,8 @@ class SegmentController:
         self.last_result = None
         self.last_request: Request | None = None
         self.device_used: str | None = None
+        self._query = None
+        self._query_key: tuple | None = None
 
     # models -----------------------------------------------------------
     def model_choices(self) -> list[tuple[str, str]]:
@@ -225,7 +246,7 @@ class SegmentController:
         from napari.layers import Image
 
         return [layer for layer in self.viewer.layers if isinstance(layer, Image)
-                and not layer.name.startswith(ATTENTION_PREFIX)]
+                and not is_attention_layer(layer)]
 
     def make_request(
         self,
@@ -237,7 +258,12 @@ class SegmentController:
         attention: bool = False,
         channel_axis: int | None = None,
     ) -> Request:
-        """Snapshot a request; ``model_key`` and ``tile`` default to the session's."""
+        """Snapshot a request; ``model_key`` and ``tile`` default to the session's.
+
+        A Cancel from before this request is forgotten here, on the GUI thread; a Cancel
+        after it counts even while the worker has not started yet.
+        """
+        self.cancel_event.clear()
         if not layer_name or layer_name not in self.viewer.layers:
             raise BadInputError("choose an image layer to segment")
         model_key = model_key or self.session.current_model()
@@ -282,7 +308,8 @@ class SegmentController:
         """
         from ..engine.inference.segment import segment
 
-        self.cancel_event.clear()
+        if self.cancel_event.is_set():  # cancelled while the worker waited for a thread
+            return None
 
         def callback(info):
             if progress is not None:
@@ -359,23 +386,32 @@ class SegmentController:
             steps.append(Step("labels", lambda layer=layer: self._add(layer)))
         if request.attention:
             shown = {}
-            for key, data in result.attention.items():
-                lname, pointwise = attention_layer_name(key)
+            for name, data in result.attention.items():
+                key = result.attention_keys[name]
+                lname = attention_layer_name(key)
                 small, scale, translate = downsample(data, like.scale, like.translate,
                                                      attention_factor(data.shape))
-                shown[key] = small
-                meta = {"jointattn_source": request.layer_name, "jointattn_map": key,
+                shown[name] = small
+                meta = {"jointattn_source": request.layer_name, ATTENTION_KEY: key,
                         "jointattn_downsampled": attention_factor(data.shape)}
-                old = self.viewer.layers[lname] if lname in self.viewer.layers else None  # noqa: SIM401
-                if isinstance(old, Image) and old.data.shape == small.shape:
+                old = self._attention_layer(key, small.shape)
+                if old is not None:
                     steps.append(Step(lname, self._replace_step(old, small, scale, translate, meta)))
                 else:
                     layer = Image(small, name=lname, colormap=_colormap(key), blending="additive", opacity=0.5,
                                   contrast_limits=_limits(key, small), scale=scale, translate=translate,
-                                  metadata=meta, visible=pointwise)
+                                  metadata=meta, visible=key.map == "pointwise")
                     steps.append(Step(lname, lambda layer=layer: self._add(layer)))
             result.attention = shown  # the full-size maps of a huge image are not kept
         return steps
+
+    def _attention_layer(self, key: AttentionKey, shape: tuple):
+        """The attention layer showing map ``key`` at ``shape``, whatever it is called now; None
+        when there is none (a layer that only has such a name is not one)."""
+        from napari.layers import Image
+
+        return next((layer for layer in self.viewer.layers if isinstance(layer, Image)
+                     and attention_key(layer) == key and layer.data.shape == shape), None)
 
     def _check_input(self, request: Request, result) -> None:
         layers = self.viewer.layers
@@ -439,54 +475,73 @@ class SegmentController:
                 if (layer := step.run()) is not None]
 
     # query mode -----------------------------------------------------------------
-    def query(self, layer_name: str, model_key: str | None, world_position, tile: int | None = None,
-              channel_axis: int | None = None):
-        """Where the clicked pixel's global attention looks: (QueryResult, LayerInput).
-
-        The first click in a tile costs one forward pass of that tile, later
-        clicks in it a single attention row.
-        """
-        from ..engine.inference.query import AttentionQuery
-
-        if layer_name not in self.viewer.layers:
+    def query_request(self, layer_name: str, model_key: str | None, world_position,
+                      tile: int | None = None, channel_axis: int | None = None) -> QueryRequest:
+        """Snapshot a query-mode click at ``world_position`` (GUI thread; reads no pixels)."""
+        if not layer_name or layer_name not in self.viewer.layers:
             raise BadInputError("choose an image layer first")
         model_key = model_key or self.session.current_model()
-        tile = int(tile or self.session.tile)
+        if not model_key:
+            raise BadInputError("choose a model (no presets or saved models found)")
         layer = self.viewer.layers[layer_name]
         inp = layer_input(layer, channel_axis)
         if len(inp.spatial_shape) not in (2, 3):
             raise BadInputError("query mode works on 2-D images and 3-D stacks")
-        key = (layer.unique_id, model_key, tile, inp.channel_axis)
-        if getattr(self, "_query_key", None) != key:
-            self._query = AttentionQuery(self.model(model_key), inp.data, tile=tile,
-                                         channel_axis=inp.channel_axis)
-            self._query_key = key
         coords = np.asarray(layer.world_to_data(world_position))
         if inp.channel_axis is not None and not getattr(layer, "rgb", False):
             coords = np.delete(coords, inp.channel_axis)
         coords = coords[-len(inp.spatial_shape):]
         z = round(float(coords[0])) if len(inp.spatial_shape) == 3 else None
         point = (int(np.floor(coords[-2] + 0.5)), int(np.floor(coords[-1] + 0.5)))
-        return self._query.query(point, z), inp
+        tile = int(tile or self.session.tile)
+        return QueryRequest(layer.unique_id, model_key, tile, inp, point, z)
+
+    def query(self, request: QueryRequest):
+        """Where the clicked pixel's global attention looks: (QueryResult, LayerInput) (worker
+        thread: only ``request`` is read).
+
+        The first click in a tile costs one forward pass of that tile, later
+        clicks in it a single attention row.
+        """
+        from ..engine.inference.query import AttentionQuery
+
+        inp = request.input
+        key = (request.layer_id, request.model_key, request.tile, inp.channel_axis)
+        if self._query_key != key:
+            self._query = AttentionQuery(self.model(request.model_key), inp.data, tile=request.tile,
+                                         channel_axis=inp.channel_axis)
+            self._query_key = key
+        return self._query.query(request.point, request.slice_index), inp
 
     def show_query(self, result, inp: LayerInput):
-        """Put a query heatmap into the ``attention query`` layer over its tile."""
+        """Put a query heatmap into the ``attention query`` layers over its tile (GUI thread).
+
+        The two layers are found by their metadata, so renaming them is harmless and a
+        user's layer of the same name is left alone. Returns the layer of the row.
+        """
+        from napari.layers import Image
+
         scale = inp.scale[-2:]
         translate = tuple(t + o * sc for t, o, sc in zip(inp.translate[-2:], result.origin, scale))
         top = max(float(result.heatmap.max()), 1e-12)
         # where the pixel looks (the softmax row), and the row as the prediction uses it (times
         # gamma and the mixing weight), on the same scale: a faint "used" layer is a row barely used
-        for name, heat, visible in ((f"{ATTENTION_PREFIX}query", result.heatmap / top, False),
-                                    (f"{ATTENTION_PREFIX}query used", result.used / top, True)):
-            if name in self.viewer.layers:
-                layer = self.viewer.layers[name]
+        shown = {}
+        for role, heat, visible in (("row", result.heatmap / top, False),
+                                    ("used", result.used / top, True)):
+            layer = next((layer for layer in self.viewer.layers
+                          if layer.metadata.get(QUERY_KEY) == role), None)
+            if layer is not None:
                 layer.data = heat
                 layer.translate = translate
                 layer.scale = scale
             else:
-                layer = self.viewer.add_image(heat, name=name, colormap="magma", blending="additive",
-                                              opacity=0.8, contrast_limits=(0.0, 1.0), scale=scale,
-                                              translate=translate, visible=visible)
+                name = f"{ATTENTION_PREFIX}query" + ("" if role == "row" else " used")
+                layer = self._add(Image(heat, name=name, colormap="magma", blending="additive",
+                                        opacity=0.8, contrast_limits=(0.0, 1.0), scale=scale,
+                                        translate=translate, visible=visible,
+                                        metadata={QUERY_KEY: role}))
             layer.metadata.update({"module": result.module, "origin": result.origin,
                                    "slice": result.slice_index, "weight": result.weight})
-        return self.viewer.layers[f"{ATTENTION_PREFIX}query"]
+            shown[role] = layer
+        return shown["row"]

@@ -3,7 +3,8 @@
 One :class:`Session` per viewer (:func:`session_for`). The Segment dock, the
 Fine-tune dock and rollback all read and write it, so handing a new model
 over does not need the other dock to be open. Models are loaded (and cached
-by file modification time) under a lock, from any thread; :meth:`Session.warm`
+by file modification time) under a lock, from any thread; the cache holds the
+current model and the :data:`KEPT_MODELS` used last besides it. :meth:`Session.warm`
 loads a model and runs its first forward pass so the first click does not pay
 for it. No Qt here.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,9 @@ from ..engine.models.presets import PRESETS
 DEFAULT_TILE = 512
 #: side of the image the warm-up runs (at most one tile)
 WARM_SIDE = 512
+#: loaded models kept besides the current one (least recently used dropped first); each may
+#: hold a copy of its network on every device it ran on
+KEPT_MODELS = 2
 
 
 def preset_choices() -> list[tuple[str, str]]:
@@ -60,7 +65,8 @@ class Session:
         self.model_key: str | None = None
         self.tile: int = DEFAULT_TILE
         self.extra_models: list[str] = []
-        self._cache: dict[str, tuple[float, object]] = {}
+        #: key -> (file stamp, model), least recently used first
+        self._cache: OrderedDict[str, tuple[float, object]] = OrderedDict()
         self._lock = threading.RLock()
         self._warm: set[tuple] = set()
 
@@ -96,15 +102,32 @@ class Session:
 
     # loaded models -------------------------------------------------------------
     def model(self, key: str):
-        """The loaded model for ``key``, cached until its file changes (any thread)."""
+        """The loaded model for ``key``, cached until its file changes (any thread).
+
+        At most the current model and :data:`KEPT_MODELS` others stay loaded; a model
+        dropped from the cache (or replaced by a newer file) gives up its per-device
+        copies of the network at once. A run still using it keeps working.
+        """
         if not key:
             raise BadInputError("choose a model (no presets or saved models found)")
         with self._lock:
             stamp = _stamp(key)
             cached = self._cache.get(key)
             if cached is None or cached[0] != stamp:
-                self._cache[key] = (stamp, load_model(key))
+                model = load_model(key)
+                if cached is not None:
+                    _release_copies(cached[1])
+                self._cache[key] = (stamp, model)
+            self._cache.move_to_end(key)
+            self._evict()
             return self._cache[key][1]
+
+    def _evict(self) -> None:
+        current = self.current_model()
+        others = [k for k in self._cache if k != current]  # least recently used first
+        for key in others[: max(0, len(others) - KEPT_MODELS)]:
+            _release_copies(self._cache.pop(key)[1])
+            self._warm = {token for token in self._warm if token[0] != key}
 
     def is_warm(self, key: str | None = None, tile: int | None = None, device: str = "auto") -> bool:
         """Whether :meth:`warm` has run for this model, tile and device."""
@@ -145,6 +168,17 @@ class Session:
             _warm_layers()
             self._warm.add(token)
         return True
+
+
+def _release_copies(model) -> None:
+    """Drop the copies of ``model``'s network that inference made on any device."""
+    import torch
+
+    from ..engine.inference.placement import release
+
+    devices = ["cpu", "mps", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    for device in devices:
+        release(model.net, device)
 
 
 def _warm_layers() -> None:

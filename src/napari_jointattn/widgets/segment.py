@@ -27,7 +27,7 @@ from qtpy.QtWidgets import (
 )
 
 from ..controllers import gc_hold
-from ..controllers.layers import attention_layers
+from ..controllers.layers import attention_key, attention_layers
 from ..controllers.segment import Request, SegmentController
 from ..controllers.session import DEFAULT_TILE
 from ..engine.errors import BadInputError
@@ -54,7 +54,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.warm_worker = None
         self.fit_worker = None
         self.query_worker = None
-        self._query_pending: tuple | None = None
+        self._query_pending = None  # the world position of the latest click made during a query
         self._model_by_user = False  # a model the user picked is never replaced by a suggestion
         self._fit_pending: tuple | None = None
         self._warming: tuple | None = None  # (model, tile, device) being warmed
@@ -403,10 +403,15 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         tile runs that tile through the network); clicks made meanwhile are
         merged: only the latest is shown next.
         """
-        args = (self.image_combo.currentText(), self.model_combo.currentData(), world_position,
-                self.tile_spin.value(), self.channel_combo.currentData())
         if self.query_worker is not None:
-            self._query_pending = args
+            self._query_pending = world_position
+            return
+        try:
+            request = self.controller.query_request(
+                self.image_combo.currentText(), self.model_combo.currentData(), world_position,
+                self.tile_spin.value(), self.channel_combo.currentData())
+        except BadInputError as exc:
+            self._notify_error(str(exc))
             return
         self.status.setText("Query: computing where this pixel looks…")
 
@@ -414,9 +419,9 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
             self.query_worker = None
             if self._query_pending is not None:
                 pending, self._query_pending = self._query_pending, None
-                self.query_at(pending[2])
+                self.query_at(pending)
 
-        self.query_worker = _workers.start(lambda: self.controller.query(*args), self._show_query,
+        self.query_worker = _workers.start(lambda: self.controller.query(request), self._show_query,
                                            self._error, finished)
 
     def _show_query(self, value) -> None:
@@ -429,5 +434,5 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
 
     def _toggle_attention_layers(self, checked: bool) -> None:
         for layer in attention_layers(self.viewer):
-            if not layer.name.endswith((" mix", " effect", " query")):
+            if attention_key(layer).map == "pointwise":  # shown by default; mix and effect stay
                 layer.visible = checked

@@ -19,6 +19,11 @@ moved into place (ONNX against PyTorch under ONNX Runtime at two sizes, TorchScr
 and compared, the bioimage.io package validated and test-run by ``bioimageio.core``); a failed
 check or any error leaves no file behind.
 
+An export leaves the process's global state alone, so Segment, queries and live training may
+run in other threads meanwhile: the graph is a private copy of the network, nothing draws from
+or seeds the global random generators, and ``bioimageio.core``'s test run (which seeds them and
+sets PyTorch's deterministic-algorithms switch) runs in a child process.
+
 No Qt, no napari; ``onnx``, ``onnxruntime`` and ``bioimageio.core`` are optional
 (``pip install "napari-jointattn[export]"``) and imported only when used.
 """
@@ -30,6 +35,8 @@ import io
 import json
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -566,27 +573,56 @@ def validate_package(path: str | os.PathLike, *, run: bool = True, weight_format
     package's preprocessing, the weights and the postprocessing on the test input,
     compares with the test output, and runs batch sizes 1 and 2 at three sizes.
     Returns ``{"status", "format", "errors", "summary"}``: ``status`` is ``"passed"``
-    only when all of that passed. The caller's random states are left as they were
-    (the test run seeds NumPy's and PyTorch's global generators).
+    only when all of that passed. It all runs in a child process (with this process's
+    number of PyTorch threads): the test run seeds NumPy's and PyTorch's global
+    generators and sets PyTorch's deterministic-algorithms switch, which in this
+    process would reach every other thread; here nothing global changes.
     """
     _need("bioimageio.core", "bioimageio")
-    from bioimageio.core import test_model
-    from bioimageio.spec import load_description
+    from bioimageio.spec.summary import ValidationSummary
 
-    path = Path(path)
-    with _quiet_bioimageio(), kept_random_state():
-        descr = load_description(path, perform_io_checks=True)
-        fmt = descr.validation_summary.status
-        if run and fmt in ("passed", "valid-format"):
-            with torch.jit.optimized_execution(False):  # as in _check_torchscript
-                summary = test_model(path, weight_format=weight_format, stop_early=stop_early)
-        else:
-            summary = descr.validation_summary
+    package_root = str(Path(__file__).resolve().parents[3])  # this copy of napari_jointattn
+    paths = [package_root, os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+    with tempfile.TemporaryDirectory(prefix="jointattn-validate-") as work:
+        out = Path(work) / "summary.json"
+        job = {"path": str(Path(path).resolve()), "run": run, "weight_format": weight_format,
+               "stop_early": stop_early, "threads": torch.get_num_threads(), "out": str(out)}
+        code = ("import sys; from napari_jointattn.engine.models.export import _validate_here; "
+                "_validate_here(sys.argv[1])")
+        done = subprocess.run([sys.executable, "-c", code, json.dumps(job)], capture_output=True,
+                              text=True, check=False, env=env, cwd=work)
+        if done.returncode != 0 or not out.is_file():
+            last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            raise BadInputError(f"bioimage.io validation did not run: {last}")
+        found = json.loads(out.read_text(encoding="utf-8"))
+    summary = ValidationSummary.model_validate(found["summary"])
     failed = any(d.status == "failed" for d in summary.details)
     # bioimageio.core can report "valid-format" for a package whose test run failed: any failed
     # step means failed here
     status = "failed" if failed or summary.status == "failed" else summary.status
-    return {"status": status, "format": fmt, "errors": _errors(summary), "summary": summary}
+    return {"status": status, "format": found["format"], "errors": _errors(summary),
+            "summary": summary}
+
+
+def _validate_here(job: str) -> None:
+    """The child process of :func:`validate_package`: validate, test-run, write the summary."""
+    from bioimageio.core import test_model
+    from bioimageio.spec import load_description
+
+    job = json.loads(job)
+    torch.set_num_threads(job["threads"])
+    with _quiet_bioimageio():
+        descr = load_description(Path(job["path"]), perform_io_checks=True)
+        fmt = descr.validation_summary.status
+        if job["run"] and fmt in ("passed", "valid-format"):
+            with torch.jit.optimized_execution(False):  # as in _check_torchscript
+                summary = test_model(job["path"], weight_format=job["weight_format"],
+                                     stop_early=job["stop_early"])
+        else:
+            summary = descr.validation_summary
+    found = {"format": fmt, "summary": summary.model_dump(mode="json")}
+    Path(job["out"]).write_text(json.dumps(found), encoding="utf-8")
 
 
 def _errors(summary) -> list[str]:
@@ -596,26 +632,6 @@ def _errors(summary) -> list[str]:
             loc = ".".join(map(str, e.loc))
             out.append(f"{d.name}: {loc + ': ' if loc else ''}{e.msg}".replace("\n", " "))
     return out
-
-
-@contextlib.contextmanager
-def kept_random_state():
-    import random
-
-    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state(),
-              torch.are_deterministic_algorithms_enabled())
-    env = os.environ.get("TF_ENABLE_ONEDNN_OPTS")  # the test run sets it
-    try:
-        yield
-    finally:
-        if env is None:
-            os.environ.pop("TF_ENABLE_ONEDNN_OPTS", None)
-        else:
-            os.environ["TF_ENABLE_ONEDNN_OPTS"] = env
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
-        torch.use_deterministic_algorithms(states[3])
 
 
 @contextlib.contextmanager
