@@ -237,6 +237,37 @@ def test_cuda_oom_halves_tile_then_falls_back_to_cpu(blobs, monkeypatch):
     assert res.device == "cpu" and len(res.notes) == 3 and "CPU" in res.notes[-1]
 
 
+def test_cuda_oom_fallback_compares_without_attention_where_and_as_the_labels_were_made(
+        blobs, monkeypatch):
+    """segment(attention=True) after the fall back to the CPU: the pass with every attention
+    module off runs the CPU network, with the tile the labels were made with."""
+    from napari_jointattn.engine.inference import segment as seg
+
+    image, _ = blobs
+    simulate_cuda_oom(monkeypatch)
+
+    def tagged_to(self, device, *args, **kwargs):  # tensors stay on the CPU: remember the device
+        self.placed_on = torch.device(device).type
+        return self
+
+    monkeypatch.setattr(torch.nn.Module, "to", tagged_to)
+    passes = []  # (device, tile, where the network was placed, attention off)
+    oom_predict = seg.predict_slice
+
+    def recording(model, x, device, tile, *args, net, **kwargs):
+        off = not all(m.enabled for _, m in net.attention_keys())
+        passes.append((device.type, tile, getattr(net, "placed_on", "cpu"), off))
+        return oom_predict(model, x, device, tile, *args, net=net, **kwargs)
+
+    monkeypatch.setattr(seg, "predict_slice", recording)
+    res = seg.segment(image, new_model("nuclei"), device="cuda", tile=256, attention=True)
+    assert passes == [("cuda", 256, "cuda", False), ("cuda", 128, "cuda", False),
+                      ("cuda", 64, "cuda", False), ("cpu", 64, "cpu", False),
+                      ("cpu", 64, "cpu", True)]
+    # gamma 0 at initialisation: the same network and tiles without attention give the same labels
+    assert res.device == "cpu" and res.attention_changed == 0.0
+
+
 def test_split_instances_separates_touching_disks():
     yy, xx = np.mgrid[:60, :100]
     mask = ((yy - 30) ** 2 + (xx - 35) ** 2 < 400) | ((yy - 30) ** 2 + (xx - 68) ** 2 < 400)
@@ -743,6 +774,35 @@ def test_inference_network_never_moves_or_switches_the_shared_network():
     assert inference_network(net, "meta") is not meta
     net.eval()
     assert inference_network(net, "cpu") is net  # already there, in eval mode: used as it is
+
+
+def test_inference_network_notices_every_in_place_weight_edit():
+    """The copy is rebuilt after any change of the weights' values: an optimiser step, an edit
+    of one element through ``.data`` (which bypasses torch's version counters), a state dict
+    loaded into the same tensors; it is kept while nothing changes."""
+    from napari_jointattn.engine.inference.placement import inference_network
+
+    model = new_model("nuclei", seed=0)
+    net = model.net.train()
+    run = inference_network(net, "cpu")
+
+    def rebuilt() -> torch.nn.Module:
+        fresh = inference_network(net, "cpu")
+        assert fresh is not run
+        for k, v in fresh.state_dict().items():
+            assert torch.equal(v, net.state_dict()[k]), k
+        return fresh
+
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.rand(1, model.in_channels, 64, 64)).square().mean().backward()
+    opt.step()
+    run = rebuilt()
+    net.classifier.weight.data[0, 0] += 1.0
+    run = rebuilt()
+    net.load_state_dict({k: v + 0.5 if v.is_floating_point() else v
+                         for k, v in net.state_dict().items()})
+    run = rebuilt()
+    assert inference_network(net, "cpu") is run
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

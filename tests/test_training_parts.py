@@ -1,19 +1,43 @@
-"""The training package's parts on their own: random state, loss, schedule, augmentation sync."""
+"""The training package's parts on their own: random state, loss, schedule, augmentation sync,
+mixed-precision loss scaling, and the live loop's guard against non-finite steps."""
 
 import random
 
 import numpy as np
 import pytest
 import torch
+from _helpers import disks
 
+from napari_jointattn.engine import devices
 from napari_jointattn.engine.errors import BadInputError
 from napari_jointattn.engine.models.model import new_model
-from napari_jointattn.engine.training import TrainSettings, masked_loss, train
+from napari_jointattn.engine.training import TrainSettings, live, loop, masked_loss, train
 from napari_jointattn.engine.training.augment import CropBatches, CropCentres
 from napari_jointattn.engine.training.data import Sample
-from napari_jointattn.engine.training.schedule import _set_lr
+from napari_jointattn.engine.training.live import LiveTrainer
+from napari_jointattn.engine.training.schedule import learning_rate
+from napari_jointattn.model.denseunet import DenseUNetConfig
 
 FAST = dict(epochs=2, steps_per_epoch=3, batch_size=2, crop=64, device="cpu")
+TINY = DenseUNetConfig(stem_channels=8, growth=4, block_layers=(1, 1), decoder_channels=(8, 8, 8),
+                       head_channels=4, attention_dim=8, attention_levels=(1,), dropout=0.0)
+#: a loss this small has gradients below fp16's smallest number: without loss scaling they are 0
+TINY_LOSS = 1e-6
+
+
+def _tiny():
+    return new_model(config=TINY, classes=["background", "object"], name="tiny", seed=0)
+
+
+def _weights(net) -> dict:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def _live_on_disks(**settings) -> LiveTrainer:
+    image, truth = disks(64, 64, 0)
+    trainer = LiveTrainer(_tiny(), batch_size=2, crop=32, seed=1, **settings)
+    trainer.submit([image], [truth], masks=[np.ones(truth.shape, bool)])
+    return trainer
 
 
 def test_training_leaves_the_global_random_state_alone(blobs):
@@ -87,20 +111,29 @@ def test_masked_loss_weights_pixels():
 
 def test_schedule_warms_up_then_decays_to_five_percent():
     settings = TrainSettings(epochs=10, steps_per_epoch=10, lr=1e-2)
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     total = settings.epochs * settings.steps_per_epoch
-    lrs = []
-    for step in range(1, total + 1):
-        _set_lr(opt, settings, step / total, elapsed=0.0)
-        lrs.append(opt.param_groups[0]["lr"])
+    lrs = [learning_rate(settings, step / total, elapsed=0.0) for step in range(1, total + 1)]
     assert lrs[0] == pytest.approx(1e-2 / 20 * (0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * 0.01))))
     assert np.argmax(lrs) == 19  # warm-up over the first 20 steps
     assert all(a >= b for a, b in zip(lrs[19:], lrs[20:]))  # then only down
     assert lrs[-1] == pytest.approx(0.05 * 1e-2)
     # a time budget drives the decay when it runs out first
     timed = TrainSettings(epochs=10, steps_per_epoch=10, lr=1e-2, max_seconds=10.0)
-    _set_lr(opt, timed, 0.3, elapsed=10.0)
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.05 * 1e-2)
+    assert learning_rate(timed, 0.3, elapsed=10.0) == pytest.approx(0.05 * 1e-2)
+
+
+def test_training_steps_at_the_rates_of_the_schedule(blobs):
+    """Each step of ``train()`` runs at the schedule's rate for its place in the run."""
+    image, labels = blobs
+    told = []
+    settings = {"epochs": 2, "steps_per_epoch": 3, "batch_size": 2, "crop": 32, "lr": 1e-2,
+                "device": "cpu", "calibrate_threshold": False, "patience": 10}
+    train(_tiny(), [image], [labels > 0], callback=told.append, **settings)
+    stepped = [info["lr"] for info in told if info["val_dice"] is None]
+    total = 2 * 3
+    schedule = TrainSettings(**settings)
+    expected = [learning_rate(schedule, step / total, 0.0) for step in range(1, total + 1)]
+    assert len(stepped) == total and stepped == pytest.approx(expected, rel=1e-12)
 
 
 def test_augmentation_keeps_image_labels_mask_and_weights_in_sync():
@@ -187,3 +220,76 @@ def test_attention_scale_and_mixing_weights_are_not_decayed():
     assert free_names and all(n.endswith("gamma") or ".mix." in n for n in free_names)
     assert sum(n.endswith("gamma") for n in free_names) == 3  # one per module
     assert len(decayed["params"]) + len(free["params"]) == len(names)
+
+
+@pytest.fixture
+def fp16(monkeypatch):
+    """Autocast in float16 on any device, as on a GPU without bf16."""
+    monkeypatch.setattr(devices, "autocast_dtype", lambda dev: torch.float16)
+
+
+def test_fp16_training_scales_the_loss_and_steps_with_the_true_gradients(blobs, fp16, monkeypatch):
+    real_loss, real_optimizer = loop.masked_loss, loop.optimizer
+    monkeypatch.setattr(loop, "masked_loss", lambda *a, **k: real_loss(*a, **k) * TINY_LOSS)
+    stepped_with = []  # per step: the largest gradient the optimiser stepped with
+
+    def recording_optimizer(net, settings):
+        opt = real_optimizer(net, settings)
+        step = opt.step
+
+        def recorded(*args, **kwargs):
+            stepped_with.append(max(float(p.grad.abs().max()) for group in opt.param_groups
+                                    for p in group["params"] if p.grad is not None))
+            return step(*args, **kwargs)
+
+        opt.step = recorded
+        return opt
+
+    monkeypatch.setattr(loop, "optimizer", recording_optimizer)
+    image, labels = blobs
+    train(_tiny(), [image], [labels > 0], epochs=1, steps_per_epoch=2, batch_size=2, crop=32,
+          weight_decay=0.0, calibrate_threshold=False, device="cpu")
+    assert len(stepped_with) == 2
+    # not underflowed to 0, and scaled back: the scaled ones are 2**16 times larger
+    assert all(0 < g < 1e-4 for g in stepped_with), stepped_with
+
+
+def test_fp16_live_steps_scale_the_loss_so_small_gradients_still_train(fp16, monkeypatch):
+    real = live.masked_loss
+    monkeypatch.setattr(live, "masked_loss", lambda *a, **k: real(*a, **k) * TINY_LOSS)
+    trainer = _live_on_disks(weight_decay=0.0)  # without decay, a zero gradient moves nothing
+    assert trainer.scaler.is_enabled()
+    before = _weights(trainer.net)
+    out = trainer.train(steps=1)
+    assert out["steps"] == 1 and out["skipped"] == 0
+    moved = [n for n, p in trainer.net.named_parameters() if not torch.equal(p, before[n])]
+    # all but the attention module's own weights: with gamma 0 at the start they get no gradient
+    assert "classifier.weight" in moved and "stem.0.weight" in moved
+    assert len(moved) > len(before) // 2
+
+
+def _nan_loss(loss, logits):
+    return loss * float("nan")
+
+
+def _nan_gradients(loss, logits):
+    # sqrt at 0: the value 0, the slope infinite; times the zero slope of 0 * logits: NaN
+    return loss + torch.sqrt((logits.float() * 0).sum())
+
+
+@pytest.mark.parametrize("poison", [_nan_loss, _nan_gradients], ids=["NaN loss", "NaN gradients"])
+def test_live_batch_with_a_non_finite_loss_leaves_the_weights_unchanged(monkeypatch, poison):
+    real = live.masked_loss
+    monkeypatch.setattr(live, "masked_loss",
+                        lambda logits, *a, **k: poison(real(logits, *a, **k), logits))
+    trainer = _live_on_disks()
+    before = _weights(trainer.net)
+    out = trainer.train(steps=2)
+    assert out["steps"] == 0 and out["skipped"] == 2 and out["loss"] is None and trainer.steps == 0
+    for k, v in trainer.net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not trainer.opt.state  # nor did the optimiser's moments take anything in
+    monkeypatch.setattr(live, "masked_loss", real)
+    out = trainer.train(steps=1)  # the next good batch trains as usual
+    assert out["steps"] == 1 and out["skipped"] == 0 and np.isfinite(out["loss"])
+    assert not torch.equal(trainer.net.classifier.weight, before["classifier.weight"])

@@ -49,14 +49,30 @@ def describe_device(dev: torch.device) -> str:
     return dev.type
 
 
-def autocast(dev: torch.device):
-    """Mixed precision on GPUs (bf16 where supported, else fp16); nothing on CPU."""
+def autocast_dtype(dev: torch.device) -> torch.dtype | None:
+    """The dtype :func:`autocast` computes in on ``dev``: bf16 on CUDA GPUs that support it, else
+    fp16 (also on MPS); None on the CPU, which runs in full precision."""
     if dev.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if dev.type == "mps":
-        return torch.autocast("mps", dtype=torch.float16)
-    return contextlib.nullcontext()
+        return torch.float16
+    return None
+
+
+def autocast(dev: torch.device):
+    """Mixed precision in :func:`autocast_dtype` on GPUs; nothing on CPU."""
+    dtype = autocast_dtype(dev)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(dev.type, dtype=dtype)
+
+
+def grad_scaler(dev: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling for training steps under :func:`autocast` on ``dev``.
+
+    Active when autocast computes in fp16, whose small gradients would underflow to zero (the
+    loss is scaled up for the backward pass and the gradients scaled back before the step, which
+    is skipped when they overflowed); a pass-through otherwise (bf16 and fp32 have fp32's range).
+    """
+    return torch.amp.GradScaler(dev.type, enabled=autocast_dtype(dev) == torch.float16)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -6,7 +6,8 @@ network between devices while another thread runs it breaks the other run, so
 neither ever moves (or switches the mode of) ``model.net``: each asks for the
 network on its device and gets ``model.net`` itself when it already lives
 there in eval mode, otherwise a copy on that device. Copies are cached per
-network and device and rebuilt when the weights change (training in place).
+network and device and rebuilt when the weights' values change, however they
+were changed (see :func:`_fingerprint`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import copy
 import threading
 import weakref
+import zlib
 
 import torch
 from torch import nn
@@ -39,9 +41,22 @@ def _tensors(net: nn.Module) -> list[torch.Tensor]:
 
 
 def _fingerprint(net: nn.Module) -> tuple:
-    """Changes when a weight is replaced, moved or updated in place, or a module is knocked out."""
+    """The knock-out switches, and each weight's shape, dtype and CRC-32 of its bytes.
+
+    Weights are the parameters and buffers. The fingerprint changes with any change of their
+    values, however made: an optimiser step, an edit through ``.data``, ``load_state_dict``,
+    one element set by hand (barring a CRC-32 collision: odds of 2**-32 per changed tensor).
+    A weight replaced or moved with its values unchanged leaves it as it was: the copy is still
+    right. It reads every weight once: about 2 ms for the presets' 3 MB on a CPU (weights on a
+    GPU are read through a copy to the host).
+    """
     knocked = tuple(m.enabled for m in net.modules() if hasattr(m, "enabled"))
-    return (knocked, *((t.data_ptr(), t._version) for t in _tensors(net)))
+    return (knocked, *((t.shape, t.dtype, _checksum(t)) for t in _tensors(net)))
+
+
+def _checksum(t: torch.Tensor) -> int:
+    raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+    return zlib.crc32(raw.numpy())
 
 
 def _lives_on(net: nn.Module, device: torch.device) -> bool:

@@ -29,7 +29,7 @@ import torch
 
 from ...model.denseunet import Dropout2d
 from ..checks import check_axis, check_classes
-from ..devices import autocast, describe_device, resolve_device
+from ..devices import autocast, describe_device, grad_scaler, resolve_device
 from ..errors import BadInputError
 from ..models.model import Model
 from .augment import CropBatches, CropCentres
@@ -64,7 +64,7 @@ class LiveTrainer:
         base.update(overrides)
         unknown = set(base) - {f.name for f in dataclasses.fields(TrainSettings)}
         if unknown:
-            raise TypeError(f"unknown training setting {sorted(unknown)[0]!r}")
+            raise TypeError(f"unknown training setting {min(unknown)!r}")
         self.settings = TrainSettings(**base)
         self.settings.validate()
         self.axis = check_axis(axis)
@@ -82,6 +82,7 @@ class LiveTrainer:
             if isinstance(d, Dropout2d):
                 d.generator = gen
         self.opt = optimizer(self.net, self.settings)
+        self.scaler = grad_scaler(self.device)
         self._lock = threading.Lock()  # guards _pending
         self._pending: tuple | None = None
         self._net_lock = threading.RLock()  # one thread trains or predicts at a time
@@ -126,15 +127,20 @@ class LiveTrainer:
               should_stop: Callable[[], bool] | None = None) -> dict:
         """One burst: optimisation steps on the latest annotations, for ``seconds`` or ``steps``.
 
-        Returns ``{"steps", "loss", "total_steps", "seconds", "waiting"}``:
-        ``waiting`` is why nothing was learnt (no usable annotations yet), else None.
+        Returns ``{"steps", "skipped", "loss", "total_steps", "seconds", "waiting"}``:
+        ``steps`` taken; ``skipped``: batches whose loss or gradients were not finite, which
+        left the weights as they were; ``loss``: the mean over the steps taken (None if none
+        was); ``waiting``: why nothing was learnt (no usable annotations yet), else None.
+        ``steps`` bounds the batches tried, taken or skipped.
         """
         if seconds is None and steps is None:
             raise BadInputError("give a burst length: seconds or steps")
         self._refresh()
         if self._batches is None:
-            return {"steps": 0, "loss": None, "total_steps": self.steps, "seconds": 0.0, "waiting": self.waiting}
+            return {"steps": 0, "skipped": 0, "loss": None, "total_steps": self.steps,
+                    "seconds": 0.0, "waiting": self.waiting}
         losses: list[float] = []
+        skipped = 0
         t0 = time.perf_counter()
         with self._net_lock:
             self.net.train()
@@ -146,22 +152,40 @@ class LiveTrainer:
                 with autocast(self.device):
                     logits = self.net(x)
                 loss = masked_loss(logits, t, m, w, self.model.num_classes, self.settings.dice_weight)
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                self.opt.step()
-                self.steps += 1
-                losses.append(float(loss.detach()))
-                if not math.isfinite(losses[-1]):
-                    raise RuntimeError("the live training loss is not finite: lower the learning rate")
+                if self._step(loss):
+                    self.steps += 1
+                    losses.append(float(loss.detach()))
+                else:
+                    skipped += 1
                 spent = time.perf_counter() - t0
-                if (steps is not None and len(losses) >= steps) or (seconds is not None and spent >= seconds):
+                if steps is not None and len(losses) + skipped >= steps:
+                    break
+                if seconds is not None and spent >= seconds:
                     break
                 if should_stop is not None and should_stop():
                     break
             self.net.eval()
         self.seconds += spent
-        return {"steps": len(losses), "loss": float(np.mean(losses)), "total_steps": self.steps,
+        return {"steps": len(losses), "skipped": skipped,
+                "loss": float(np.mean(losses)) if losses else None, "total_steps": self.steps,
                 "seconds": spent, "waiting": None}
+
+    def _step(self, loss: torch.Tensor) -> bool:
+        """An optimiser step on ``loss``, unless it or its gradients are not finite: then the
+        weights and the optimiser's moments stay as they were. Returns whether it stepped."""
+        self.opt.zero_grad(set_to_none=True)
+        if not math.isfinite(float(loss.detach())):
+            return False
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)  # the true gradients: checked, then stepped with
+        grads = [p.grad for group in self.opt.param_groups for p in group["params"]
+                 if p.grad is not None]
+        # the largest magnitude: NaN if any gradient is NaN, and no overflow of a sum of squares
+        finite = math.isfinite(float(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)))
+        if finite:
+            self.scaler.step(self.opt)
+        self.scaler.update()  # with fp16 scaling, an overflow shrinks the scale for the next batch
+        return finite
 
     # ---- using the weights of the moment --------------------------------------------------------
     def predict(self, image, **kwargs):

@@ -1,4 +1,4 @@
-"""The training loop: ``train()``."""
+"""The training loop: ``train()``, and :class:`_Run`, the state of one run and its steps."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from ...model.denseunet import Dropout2d
-from ..checks import check_axis, check_classes, check_output_file
-from ..devices import autocast, describe_device, resolve_device
+from ..checks import check_axis, check_classes, check_output_file, check_run_files
+from ..devices import autocast, describe_device, grad_scaler, resolve_device
 from ..models.model import Model, save_model
 from .augment import CropBatches, CropCentres
 from .checkpoint import _jsonable, _load_checkpoint, _save_checkpoint
@@ -23,7 +23,7 @@ from .data import build_samples
 from .distributed import Parallel, training_device
 from .ema import WeightAverage
 from .loss import masked_loss
-from .schedule import _set_lr, optimizer
+from .schedule import learning_rate, optimizer
 from .settings import TrainResult, TrainSettings
 from .start import _decide_head, _decide_upsample, _fmt, _parent_name, _start_model
 from .validation import calibrate_threshold, validation_dice
@@ -43,7 +43,7 @@ def train(
     out: str | os.PathLike | None = None,
     name: str | None = None,
     provenance: dict | None = None,
-    callback: Callable[[dict], "bool | None"] | None = None,
+    callback: Callable[[dict], bool | None] | None = None,
     checkpoint: str | os.PathLike | None = None,
     save_unchanged: bool = True,
     **overrides,
@@ -73,14 +73,10 @@ def train(
     validates, writes ``checkpoint`` and ``out``, and every process returns
     the same result.
     """
-    settings = dataclasses.replace(settings) if settings is not None else TrainSettings()
-    for key, value in overrides.items():
-        if not hasattr(settings, key):
-            raise TypeError(f"unknown training setting {key!r}")
-        setattr(settings, key, value)
-    settings.validate()
+    settings = _settings(settings, overrides)
     if out is not None:
         out = check_output_file(out)
+    check_run_files(out, checkpoint)
     classes = check_classes(classes)
     axis = check_axis(axis)
     device = training_device(resolve_device(settings.device))
@@ -88,166 +84,25 @@ def train(
     par.check_batch(settings.batch_size)
     model, head_reset = _start_model(start, classes, seed=settings.seed)
     parent_name = _parent_name(start, model)
-    samples, summary = build_samples(
-        model, images, labels, masks, weights, axis, channel_axis, settings.val_fraction, settings.split
-    )
-    warnings_: list[str] = list(summary.get("warnings", []))
-
-    # generators of this run's own: training runs in a worker thread inside napari,
-    # and must neither reseed nor draw from the process's global random state
-    rng = np.random.default_rng(settings.seed)
-    gen = torch.Generator().manual_seed(settings.seed)
-    net = model.net.to(device)
-    dropouts = [m for m in net.modules() if isinstance(m, Dropout2d)]
-    for d in dropouts:
-        d.generator = gen
-    par.shard_dropout(dropouts, settings.batch_size)
-    # the bar to beat, and what is handed back if nothing beats it: the start model as given
-    # (before any head reset; with a new number of classes its head is new anyway)
-    best_state = copy.deepcopy(net.state_dict())
-    start_dice = par.from_main(lambda: validation_dice(model, samples, device))
-    best = start_dice
-    # the start model as given is the bar (above); trained weights work at this scale
-    start_normalization = model.normalization
-    upsample, upsample_note = _decide_upsample(model, samples, settings.upsample)
-    model.normalization = model.normalization.replace(upsample=upsample)
-    head = _decide_head(model, samples, settings.head, device, reset_already=head_reset,
-                        seed=settings.seed)
-    opt = optimizer(net, settings)
-    total_steps = settings.epochs * settings.steps_per_epoch
-    val_every = settings.val_every or max(1, settings.steps_per_epoch // 4)
-    batches = CropBatches(samples, settings, CropCentres(samples, settings.crop_sampling), upsample)
-    result = TrainResult(model=model, best_dice=best, start_dice=start_dice,
-                         device=describe_device(device), summary=summary)
-    result.history.append({"epoch": 0, "step": 0, "loss": None, "val_dice": best, "seconds": 0.0})
-    t0 = time.perf_counter()
-    stop = None
-    first_epoch = 1
-    step_no = 0  # optimisation steps so far
-    improved_epoch = 0  # the last epoch whose validation beat the best so far
-    fingerprint = json.dumps({"data": summary, "settings": _jsonable(vars(settings))}, sort_keys=True)
+    samples, summary = build_samples(model, images, labels, masks, weights, axis, channel_axis,
+                                     settings.val_fraction, settings.split)
+    run = _Run(model, samples, summary, settings, device, par, callback, head_reset)
     with par.main_file(checkpoint) as resume_from:  # every process resumes from rank 0's checkpoint
-        state = resume_from and _load_checkpoint(resume_from, net, opt, best_state, rng, gen, fingerprint)
-    if state:
-        best, result.best_epoch, result.best_step = state["best"], state["best_epoch"], state["best_step"]
-        improved_epoch, step_no = state["improved_epoch"], state["step_no"]
-        result.history = state["history"]
-        first_epoch = state["epoch"] + 1
-        t0 -= state["elapsed"]
-    ema = WeightAverage(net, settings.ema, state["extra"] if state else None)
-    ddp = par.wrap(net)  # the network the steps run through (``net`` itself with one process)
-
-    def tell(info: dict) -> None:
-        nonlocal stop
-        if callback is not None and callback({"stage": "train", "epochs": settings.epochs,
-                                              "steps": settings.steps_per_epoch, **info}) is False:
-            stop = "stopped"
-
-    def validate(epoch: int, step: int, losses: list[float], report: bool = True) -> dict:
-        nonlocal best, best_state, improved_epoch
-        with ema.applied():  # the averaged weights are the ones scored and kept
-            val = par.from_main(lambda: validation_dice(model, samples, device))
-            if _better(val, best):
-                best = val
-                best_state = copy.deepcopy(net.state_dict())
-                result.best_epoch, result.best_step, improved_epoch = epoch, step_no, epoch
-        record = {"epoch": epoch, "step": step_no, "loss": float(np.mean(losses)) if losses else None,
-                  "val_dice": val, "seconds": time.perf_counter() - t0}
-        result.history.append(record)
-        if report:
-            tell({"epoch": epoch, "step": step, "loss": record["loss"], "val_dice": val, "best_dice": best,
-                  "seconds": record["seconds"]})
-        return record
-
-    if first_epoch == 1:  # the bar to beat, first in every progress report
-        tell({"epoch": 0, "step": 0, "loss": None, "val_dice": start_dice, "best_dice": start_dice,
-              "seconds": 0.0})
-    for epoch in range(first_epoch, settings.epochs + 1):
-        net.train()
-        losses: list[float] = []
-        since_val: list[float] = []
-        for step in range(settings.steps_per_epoch):
-            # the schedule sets this step's rate before the step (the first step warms up too)
-            now = time.perf_counter() - t0
-            _set_lr(opt, settings, (step_no + 1) / total_steps, par.agree_max(now) if settings.max_seconds else now)
-            x, t, m, w = par.shard(*batches(rng))  # every process draws the global batch, keeps its rows
-            x, t, m, w = x.to(device), t.to(device), m.to(device), w.to(device)
-            with autocast(device):
-                logits = ddp(x)
-            loss = masked_loss(logits, t, m, w, model.num_classes, settings.dice_weight, reduce=par.loss_reduce)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step_no += 1
-            ema.update(step_no)
-            losses.append(float(loss.detach()))
-            since_val.append(losses[-1])
-            elapsed = time.perf_counter() - t0
-            tell({"epoch": epoch, "step": step + 1, "loss": losses[-1], "val_dice": None,
-                  "best_dice": best, "seconds": elapsed, "lr": opt.param_groups[0]["lr"]})
-            over = settings.max_seconds and elapsed > settings.max_seconds
-            stop = par.agree_stop(stop or ("time budget" if over else None))
-            if stop:
-                break
-            if (step + 1) % val_every == 0 and step + 1 < settings.steps_per_epoch:
-                validate(epoch, step + 1, since_val)
-                since_val = []
-                net.train()
-                stop = par.agree_stop(stop)
-                if stop:
-                    break
-        record = validate(epoch, settings.steps_per_epoch, losses, report=False)  # told after the checkpoint
-        record["epoch_end"] = True
-        if checkpoint is not None and par.is_main:
-            _save_checkpoint(checkpoint, net, opt, best_state, rng, gen, fingerprint, {
-                "epoch": epoch, "best": best, "best_epoch": result.best_epoch, "best_step": result.best_step,
-                "improved_epoch": improved_epoch, "step_no": step_no, "history": result.history,
-                "elapsed": time.perf_counter() - t0}, extra=ema.tensors())
-        tell({"epoch": epoch, "step": settings.steps_per_epoch, "loss": record["loss"],
-              "val_dice": record["val_dice"], "best_dice": best, "seconds": record["seconds"],
-              "epoch_end": True})
-        stop = par.agree_stop(stop)
-        if stop:
-            break
-        # a time budget is the user's to spend: patience ends epoch-budgeted runs only
-        if not settings.max_seconds and epoch - improved_epoch >= settings.patience:
-            stop = "early stopping"
+        if resume_from:
+            run.restore(resume_from)
+    if run.first_epoch == 1:  # the bar to beat, first in every progress report
+        run.tell({"epoch": 0, "step": 0, "loss": None, "val_dice": run.start_dice,
+                  "best_dice": run.start_dice, "seconds": 0.0})
+    ddp = par.wrap(run.net)  # what the steps run through (``run.net`` itself with one process)
+    for epoch in range(run.first_epoch, settings.epochs + 1):
+        run.epoch(ddp, epoch, checkpoint)
+        if run.stop:
             break
     del ddp
-    par.unshard_dropout(dropouts)
-    for d in dropouts:
-        d.generator = None
-    net.load_state_dict(best_state)
-    if result.best_step == 0:  # the start model handed back works as it did
-        model.normalization = start_normalization
-    threshold_note = None
-    # only trained weights get a threshold: a start model handed back keeps its own
-    if settings.calibrate_threshold and result.best_step > 0 and summary.get("split_kind") != "training":
-        found = par.from_main(lambda: calibrate_threshold(model, samples, device))
-        if found is not None:
-            th, at_half, at_th = found
-            model.postprocess = {**model.postprocess, "threshold": th}
-            threshold_note = {"threshold": th, "val_dice_at_0.5": round(at_half, 4),
-                              "val_dice_at_threshold": round(at_th, 4)}
-    knockout = None
-    if result.best_step > 0 and model.net.attention_keys():  # what each attention module changes
-        from ..evaluation.knockout import knockout_on_samples
-
-        net.eval()
-        knockout = par.from_main(lambda: knockout_on_samples(model, samples, device))
-    net.eval().to("cpu")
-    result.stopped = stop or "epochs"
-    result.best_dice = best
-    result.improved = result.best_step > 0
-    result.seconds = time.perf_counter() - t0
-    if not result.improved:
-        warnings_.append(
-            f"no improvement over the start model: its validation Dice {_fmt(start_dice)} was never beaten, "
-            "so the result is the start model unchanged (train longer, annotate more, or check the labels)")
-    result.warnings = warnings_
+    training = run.finish()
+    result = run.result
     model.name = name or model.name
-    model.scores = {"val_dice": round(best, 6) if math.isfinite(best) else None,
-                    "start_val_dice": round(start_dice, 6) if math.isfinite(start_dice) else None}
+    model.scores = {"val_dice": _rounded(run.best), "start_val_dice": _rounded(run.start_dice)}
     from ..models.fit import data_statistics
 
     model.provenance = {
@@ -255,20 +110,252 @@ def train(
         "data": summary,
         "data_statistics": data_statistics(images, channel_axis=channel_axis),
         "settings": _jsonable(vars(settings)),
-        "training": {"best_epoch": result.best_epoch, "best_step": result.best_step,
-                     "epochs_run": max((h["epoch"] for h in result.history), default=0),
-                     "steps_run": step_no, "stopped": result.stopped, "seconds": round(result.seconds, 1),
-                     "device": result.device, "head": head, "upsample": upsample_note, "improved": result.improved,
-                     "threshold": threshold_note, "knockout": knockout, **par.describe(),
-                     "warnings": warnings_},
+        "training": training,
         **(provenance or {}),
     }
-    if out is not None and (result.improved or save_unchanged):  # written by rank 0, the others wait for it
+    if out is not None and (result.improved or save_unchanged):  # rank 0 writes, the others wait
         result.path = par.from_main(lambda: save_model(model, out))
     if checkpoint is not None and par.is_main and os.path.exists(checkpoint):
         os.remove(checkpoint)
     par.barrier()
     return result
+
+
+def _rounded(dice: float) -> float | None:
+    return round(dice, 6) if math.isfinite(dice) else None
+
+
+def _settings(settings: TrainSettings | None, overrides: dict) -> TrainSettings:
+    """A validated copy of ``settings`` (the defaults when None) with ``overrides`` set."""
+    settings = dataclasses.replace(settings) if settings is not None else TrainSettings()
+    for key, value in overrides.items():
+        if not hasattr(settings, key):
+            raise TypeError(f"unknown training setting {key!r}")
+        setattr(settings, key, value)
+    settings.validate()
+    return settings
+
+
+class _Run:
+    """One training run: the network, its optimiser and generators, the counters, and the steps.
+
+    :meth:`checkpoint_state` is the one place that builds the counters a checkpoint keeps and
+    :meth:`restore` the one place that reads them back; with the weights, optimiser, loss scale
+    and generator states saved beside them, a resumed run takes exactly the steps an
+    uninterrupted one would.
+    """
+
+    def __init__(self, model: Model, samples: list, summary: dict, settings: TrainSettings,
+                 device: torch.device, par: Parallel,
+                 callback: Callable[[dict], bool | None] | None, head_reset: bool) -> None:
+        self.model, self.samples, self.summary, self.settings = model, samples, summary, settings
+        self.device, self.par, self.callback = device, par, callback
+        self.warnings: list[str] = list(summary.get("warnings", []))
+        # generators of this run's own: training runs in a worker thread inside napari,
+        # and must neither reseed nor draw from the process's global random state
+        self.rng = np.random.default_rng(settings.seed)
+        self.gen = torch.Generator().manual_seed(settings.seed)
+        self.net = model.net.to(device)
+        self.dropouts = [m for m in self.net.modules() if isinstance(m, Dropout2d)]
+        for d in self.dropouts:
+            d.generator = self.gen
+        par.shard_dropout(self.dropouts, settings.batch_size)
+        # the bar to beat, and what is handed back if nothing beats it: the start model as given
+        # (before any head reset; with a new number of classes its head is new anyway)
+        self.best_state = copy.deepcopy(self.net.state_dict())
+        self.start_dice = self.best = self._score()
+        # the start model as given is the bar (above); trained weights work at this scale
+        self.start_normalization = model.normalization
+        self.upsample, self.upsample_note = _decide_upsample(model, samples, settings.upsample)
+        model.normalization = model.normalization.replace(upsample=self.upsample)
+        self.head = _decide_head(model, samples, settings.head, device, reset_already=head_reset,
+                                 seed=settings.seed)
+        self.opt = optimizer(self.net, settings)
+        self.scaler = grad_scaler(device)
+        self.ema = WeightAverage(self.net, settings.ema)
+        self.val_every = settings.val_every or max(1, settings.steps_per_epoch // 4)
+        self.batches = CropBatches(samples, settings, CropCentres(samples, settings.crop_sampling),
+                                   self.upsample)
+        self.result = TrainResult(model=model, best_dice=self.best, start_dice=self.start_dice,
+                                  device=describe_device(device), summary=summary)
+        self.result.history.append({"epoch": 0, "step": 0, "loss": None, "val_dice": self.best,
+                                    "seconds": 0.0})
+        self.fingerprint = json.dumps({"data": summary, "settings": _jsonable(vars(settings))},
+                                      sort_keys=True)
+        self.t0 = time.perf_counter()
+        self.stop: str | None = None
+        self.first_epoch = 1
+        self.step_no = 0  # optimisation steps so far
+        self.improved_epoch = 0  # the last epoch whose validation beat the best so far
+
+    # ---- resuming -----------------------------------------------------------------------------
+    def checkpoint_state(self, epoch: int) -> dict:
+        """The counters to continue from after ``epoch`` (JSON; the tensors go beside them)."""
+        return {"epoch": epoch, "best": self.best, "best_epoch": self.result.best_epoch,
+                "best_step": self.result.best_step, "improved_epoch": self.improved_epoch,
+                "step_no": self.step_no, "history": self.result.history, "elapsed": self.seconds(),
+                "scaler": self.scaler.state_dict()}
+
+    def save(self, path: str | os.PathLike, epoch: int) -> None:
+        _save_checkpoint(path, self.net, self.opt, self.best_state, self.rng, self.gen,
+                         self.fingerprint, self.checkpoint_state(epoch), extra=self.ema.tensors())
+
+    def restore(self, path: str | os.PathLike) -> None:
+        """Continue from the checkpoint at ``path``: as if the epochs it holds had just run here."""
+        state = _load_checkpoint(path, self.net, self.opt, self.best_state, self.rng, self.gen,
+                                 self.fingerprint)
+        self.best, self.step_no = state["best"], state["step_no"]
+        self.improved_epoch = state["improved_epoch"]
+        self.result.best_epoch, self.result.best_step = state["best_epoch"], state["best_step"]
+        self.result.history = state["history"]
+        self.first_epoch = state["epoch"] + 1
+        self.t0 -= state["elapsed"]
+        self.ema = WeightAverage(self.net, self.settings.ema, state["extra"])
+        if state.get("scaler"):  # empty or absent when the checkpointed run had no fp16 scaling
+            self.scaler.load_state_dict(state["scaler"])
+
+    # ---- training -----------------------------------------------------------------------------
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def _score(self) -> float:
+        """The validation Dice of the weights in the network now: rank 0's, on every process."""
+        return self.par.from_main(lambda: validation_dice(self.model, self.samples, self.device))
+
+    def tell(self, info: dict) -> None:
+        """Report ``info`` to the callback; its ``False`` stops the run."""
+        sizes = {"epochs": self.settings.epochs, "steps": self.settings.steps_per_epoch}
+        told = {"stage": "train", **sizes, **info}
+        if self.callback is not None and self.callback(told) is False:
+            self.stop = "stopped"
+
+    def validate(self, epoch: int, step: int, losses: list[float], report: bool = True) -> dict:
+        """Score the weights (their average, with ``ema``) and keep them if best; returns the
+        history record."""
+        with self.ema.applied():  # the averaged weights are the ones scored and kept
+            val = self._score()
+            if _better(val, self.best):
+                self.best = val
+                self.best_state = copy.deepcopy(self.net.state_dict())
+                self.result.best_epoch, self.result.best_step = epoch, self.step_no
+                self.improved_epoch = epoch
+        record = {"epoch": epoch, "step": self.step_no,
+                  "loss": float(np.mean(losses)) if losses else None, "val_dice": val,
+                  "seconds": self.seconds()}
+        self.result.history.append(record)
+        if report:
+            self.tell({"epoch": epoch, "step": step, "loss": record["loss"], "val_dice": val,
+                       "best_dice": self.best, "seconds": record["seconds"]})
+        return record
+
+    def step(self, net: torch.nn.Module, epoch: int, step: int) -> float:
+        """Optimisation step ``step`` (from 0) of ``epoch`` through ``net``; returns its loss."""
+        s, par = self.settings, self.par
+        # the schedule sets this step's rate before the step (the first step warms up too)
+        now = self.seconds()
+        lr = learning_rate(s, (self.step_no + 1) / (s.epochs * s.steps_per_epoch),
+                           par.agree_max(now) if s.max_seconds else now)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        # every process draws the global batch and keeps its rows
+        x, t, m, w = par.shard(*self.batches(self.rng))
+        x, t, m, w = x.to(self.device), t.to(self.device), m.to(self.device), w.to(self.device)
+        with autocast(self.device):
+            logits = net(x)
+        loss = masked_loss(logits, t, m, w, self.model.num_classes, s.dice_weight,
+                           reduce=par.loss_reduce)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)  # with fp16 scaling: skipped when the gradients overflowed
+        self.scaler.update()
+        self.step_no += 1
+        self.ema.update(self.step_no)
+        value = float(loss.detach())
+        elapsed = self.seconds()
+        self.tell({"epoch": epoch, "step": step + 1, "loss": value, "val_dice": None,
+                   "best_dice": self.best, "seconds": elapsed, "lr": lr})
+        over = s.max_seconds and elapsed > s.max_seconds
+        self.stop = par.agree_stop(self.stop or ("time budget" if over else None))
+        return value
+
+    def epoch(self, net: torch.nn.Module, epoch: int, checkpoint: str | os.PathLike | None) -> None:
+        """The steps and validations of ``epoch``, then the checkpoint; sets ``stop`` if the run
+        ends here."""
+        s, par = self.settings, self.par
+        self.net.train()
+        losses: list[float] = []
+        since_val: list[float] = []
+        for step in range(s.steps_per_epoch):
+            losses.append(self.step(net, epoch, step))
+            since_val.append(losses[-1])
+            if self.stop:
+                break
+            if (step + 1) % self.val_every == 0 and step + 1 < s.steps_per_epoch:
+                self.validate(epoch, step + 1, since_val)
+                since_val = []
+                self.net.train()
+                self.stop = par.agree_stop(self.stop)
+                if self.stop:
+                    break
+        # told after the checkpoint is written
+        record = self.validate(epoch, s.steps_per_epoch, losses, report=False)
+        record["epoch_end"] = True
+        if checkpoint is not None and par.is_main:
+            self.save(checkpoint, epoch)
+        self.tell({"epoch": epoch, "step": s.steps_per_epoch, "loss": record["loss"],
+                   "val_dice": record["val_dice"], "best_dice": self.best,
+                   "seconds": record["seconds"], "epoch_end": True})
+        self.stop = par.agree_stop(self.stop)
+        # a time budget is the user's to spend: patience ends epoch-budgeted runs only
+        if not self.stop and not s.max_seconds and epoch - self.improved_epoch >= s.patience:
+            self.stop = "early stopping"
+
+    # ---- the end ------------------------------------------------------------------------------
+    def finish(self) -> dict:
+        """The best weights into the model (CPU, eval mode), with their threshold; fills in the
+        result; returns the ``training`` part of the model's provenance."""
+        model, result, par, samples, device = (self.model, self.result, self.par, self.samples,
+                                               self.device)
+        par.unshard_dropout(self.dropouts)
+        for d in self.dropouts:
+            d.generator = None
+        self.net.load_state_dict(self.best_state)
+        if result.best_step == 0:  # the start model handed back works as it did
+            model.normalization = self.start_normalization
+        threshold_note = None
+        # only trained weights get a threshold: a start model handed back keeps its own
+        held_out = self.summary.get("split_kind") != "training"
+        if self.settings.calibrate_threshold and result.best_step > 0 and held_out:
+            found = par.from_main(lambda: calibrate_threshold(model, samples, device))
+            if found is not None:
+                th, at_half, at_th = found
+                model.postprocess = {**model.postprocess, "threshold": th}
+                threshold_note = {"threshold": th, "val_dice_at_0.5": round(at_half, 4),
+                                  "val_dice_at_threshold": round(at_th, 4)}
+        knockout = None
+        if result.best_step > 0 and model.net.attention_keys():  # what each module changes
+            from ..evaluation.knockout import knockout_on_samples
+
+            self.net.eval()
+            knockout = par.from_main(lambda: knockout_on_samples(model, samples, device))
+        self.net.eval().to("cpu")
+        result.stopped = self.stop or "epochs"
+        result.best_dice = self.best
+        result.improved = result.best_step > 0
+        result.seconds = self.seconds()
+        if not result.improved:
+            self.warnings.append(
+                f"no improvement over the start model: its validation Dice {_fmt(self.start_dice)} "
+                "was never beaten, so the result is the start model unchanged (train longer, "
+                "annotate more, or check the labels)")
+        result.warnings = self.warnings
+        return {"best_epoch": result.best_epoch, "best_step": result.best_step,
+                "epochs_run": max((h["epoch"] for h in result.history), default=0),
+                "steps_run": self.step_no, "stopped": result.stopped,
+                "seconds": round(result.seconds, 1),
+                "device": result.device, "head": self.head, "upsample": self.upsample_note,
+                "improved": result.improved, "threshold": threshold_note, "knockout": knockout,
+                **par.describe(), "warnings": self.warnings}
 
 
 def _better(value: float, best: float) -> bool:

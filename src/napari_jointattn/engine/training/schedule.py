@@ -27,13 +27,15 @@ def optimizer(net, settings: TrainSettings):
     return torch.optim.AdamW(groups, lr=settings.lr)
 
 
-def _set_lr(opt, settings: TrainSettings, step_fraction: float, elapsed: float) -> None:
-    """Short warm-up, then cosine decay over whichever budget runs out first."""
+def learning_rate(settings: TrainSettings, step_fraction: float, elapsed: float) -> float:
+    """The rate of the step ``step_fraction`` of the way through the run, ``elapsed`` seconds in.
+
+    A warm-up over the first 20 steps, then cosine decay to 5 % of ``settings.lr`` over
+    whichever budget runs out first: the steps, or ``settings.max_seconds``.
+    """
     progress = step_fraction
     if settings.max_seconds:
         progress = max(progress, elapsed / settings.max_seconds)
     progress = min(progress, 1.0)
     warm = min(1.0, step_fraction * settings.epochs * settings.steps_per_epoch / 20)
-    lr = settings.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-    for group in opt.param_groups:
-        group["lr"] = lr
+    return settings.lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
