@@ -75,9 +75,29 @@ def test_segment_returns_right_shape_or_bad_input(tiny_model, shape, dtype, data
 
 @pytest.mark.parametrize("value", [0.0, -5.0, 1e30, -1e-30])
 def test_constant_and_extreme_images(tiny_model, value):
+    """One value everywhere is no object anywhere, also with one odd pixel (the percentiles
+    clip it: the network would see one value)."""
     img = np.full((33, 47), value, np.float64)
-    img[3, 4] = value * 2 - 1
-    assert segment(img, tiny_model, device="cpu").labels.shape == img.shape
+    for odd in (False, True):
+        if odd:
+            img[3, 4] = value * 2 - 1
+        flat = segment(img, tiny_model, device="cpu")
+        assert flat.labels.shape == img.shape and not flat.labels.any()
+        assert any("one value" in note for note in flat.notes)
+    img[:, ::2] = value * 2 - 1  # contrast: segmented as any image
+    assert not any("one value" in n for n in segment(img, tiny_model, device="cpu").notes)
+
+
+def test_constant_slices_of_a_stack_are_background(tiny_model):
+    from napari_jointattn import load_model
+
+    stack = np.random.default_rng(0).random((3, 40, 48)).astype(np.float32)
+    stack[1] = 0.25  # a padding slice
+    model = load_model("nuclei")
+    result = segment(stack, model, device="cpu", axis=0)
+    assert not result.labels[1].any() and any("1 slice(s)" in n for n in result.notes)
+    alone = segment(stack[[0]], model, device="cpu", axis=0)
+    assert np.array_equal(alone.labels[0] > 0, result.labels[0] > 0)
 
 
 # ----------------------------------------------------------------- the CLI

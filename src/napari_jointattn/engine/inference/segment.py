@@ -322,14 +322,35 @@ def prepare_input(image, model: Model, axis: int | None = None, channel_axis: in
 # ------------------------------------------------------------ forward pass
 @dataclass
 class Placement:
-    """Where the network runs: a device and the network on it (``model.net`` is never moved)."""
+    """Where the network runs: a device and the network on it (``model.net`` is never moved).
+
+    ``tile``: the tile size the last band ran with (:func:`predict_band` halves it on CUDA out
+    of memory), so a second pass over that band can run as the first did.
+    """
 
     device: torch.device
     net: nn.Module
+    tile: int | None = None
+    _off: nn.Module | None = field(default=None, repr=False)  # see knocked_out
 
     @classmethod
     def on(cls, model: Model, device: torch.device) -> Placement:
         return cls(device, inference_network(model.net, device))
+
+    def knocked_out(self) -> nn.Module:
+        """``net`` with every attention module passing its input through: a copy on ``device``
+        (other threads may be using ``net``), made once per device."""
+        if self._off is None:
+            self._off = _knocked_out_copy(self.net)
+        return self._off
+
+    def fall_back_to_cpu(self, model: Model) -> None:
+        """Run on the CPU from now on; the copies on the device given up are let go."""
+        failed = self.device
+        cpu = Placement.on(model, torch.device("cpu"))
+        self.device, self.net, self._off = cpu.device, cpu.net, None
+        release(model.net, failed)  # the copies' memory goes back to the device
+        free_cache(failed)
 
 
 def predict_band(model: Model, x: np.ndarray, place: Placement, tile: int, overlap: float,
@@ -338,13 +359,16 @@ def predict_band(model: Model, x: np.ndarray, place: Placement, tile: int, overl
     """:func:`predict_slice` on one band; on CUDA out of memory halve the tile, then use the CPU.
 
     Each fallback step is a line in ``notes``; the move to the CPU lasts for
-    the rest of the run (``place`` is updated).
+    the rest of the run (``place`` is updated), and ``place.tile`` is the tile
+    this band ran with (each band starts from ``tile``).
     """
     tile_now = int(tile)
     while True:
         try:
-            return predict_slice(model, x, place.device, tile_now, overlap, batch_size, maps, on_window,
-                                 net=place.net)
+            probs = predict_slice(model, x, place.device, tile_now, overlap, batch_size, maps,
+                                  on_window, net=place.net)
+            place.tile = tile_now
+            return probs
         except Cancelled:
             raise
         except Exception as exc:
@@ -355,11 +379,7 @@ def predict_band(model: Model, x: np.ndarray, place: Placement, tile: int, overl
                 tile_now //= 2
                 notes.append(f"CUDA out of memory: retrying with {tile_now}-pixel tiles")
             else:
-                failed = place.device
-                cpu = Placement.on(model, torch.device("cpu"))
-                place.device, place.net = cpu.device, cpu.net
-                release(model.net, failed)  # the copy's memory goes back to the device
-                free_cache(failed)
+                place.fall_back_to_cpu(model)
                 notes.append("CUDA out of memory at the smallest tile: fell back to the CPU")
 
 
@@ -542,11 +562,11 @@ def segment(
     total = len(planes.todo) * sum(count_windows(((e1 - e0) * f, width * f), tile, overlap)
                                    for _, _, e0, e1 in bands)
     # with the maps, the same pixels again with every attention module off: how much the labels
-    # depend on attention here (a knocked-out copy: other threads may be using the network)
-    off = _knocked_out_copy(place.net) if out.map_keys and model.net.attention_keys() else None
-    progress = _Progress(callback, total * (2 if off is not None else 1), place)
+    # depend on attention here (on the device and with the tile the first pass ended with)
+    compare = bool(out.map_keys and model.net.attention_keys())
+    progress = _Progress(callback, total * (2 if compare else 1), place)
     changed = seen = 0
-    nonfinite_pixels = 0
+    nonfinite_pixels = flat_planes = 0
     k = model.num_classes
     progress.report("starting")
     for s in planes.todo:
@@ -556,22 +576,27 @@ def segment(
         x, bad = prepared
         if bad is not None:
             nonfinite_pixels += int(bad.sum())
+        if _flat(x, bad):  # nothing to see: whatever a network found there would be its bias
+            flat_planes += 1
+            progress.on_window(total * (2 if compare else 1) // len(planes.todo))
+            continue
         for band in bands:
             _, _, e0, e1 = band
             xb = x if len(bands) == 1 else np.ascontiguousarray(x[:, e0:e1])
             pred = predict_band(model, xb, place, tile, overlap, batch_size, bool(out.map_keys),
                                 progress.on_window, notes)
             cls = band_classes(model, pred[:k].numpy(), None if bad is None else bad[e0:e1])
-            if off is not None:
+            if compare:
                 try:
-                    without = predict_slice(model, xb, place.device, tile, overlap, batch_size, False,
-                                            progress.on_window, net=off)
+                    without = predict_slice(model, xb, place.device, place.tile, overlap,
+                                            batch_size, False, progress.on_window,
+                                            net=place.knocked_out())
                 except Cancelled:
                     raise
                 except Exception as exc:
                     if not is_out_of_memory(exc):
                         raise
-                    off, seen = None, 0  # the maps and labels matter more than this figure
+                    compare, seen = False, 0  # the maps and labels matter more than this figure
                     free_cache(place.device)
                     notes.append("out of memory: the labels without attention were not compared")
                 else:
@@ -589,11 +614,20 @@ def segment(
             del pred
     if nonfinite_pixels:
         notes.append(f"{nonfinite_pixels} NaN/infinite pixels were labelled background")
+    if flat_planes:
+        what = "the image is" if not planes.is_stack else f"{flat_planes} slice(s) are"
+        notes.append(f"{what} of one value after normalisation (no contrast): labelled background")
     result = out.result(place.device, notes, start)
     result.runtime = "onnxruntime" if fast is not None else "torch"
-    if off is not None and seen:
+    if compare and seen:
         result.attention_changed = changed / seen
     return result
+
+
+def _flat(x: np.ndarray, bad: np.ndarray | None) -> bool:
+    """Whether a normalised plane (C, H, W) holds one value in every channel (finite pixels)."""
+    seen = x if bad is None else x[:, ~bad]
+    return seen.size == 0 or bool((np.ptp(seen.reshape(len(seen), -1), axis=1) == 0).all())
 
 
 def _knocked_out_copy(net: nn.Module) -> nn.Module:
