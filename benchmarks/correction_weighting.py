@@ -32,7 +32,8 @@ def main(argv=None):
     from napari.components import ViewerModel
 
     from napari_jointattn import load_model, segment
-    from napari_jointattn.widgets.finetune import PREDICTION_KEY, FinetuneController
+    from napari_jointattn.controllers.finetune import FinetuneController
+    from napari_jointattn.controllers.segment import PREDICTION_KEY
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=60.0)

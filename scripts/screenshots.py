@@ -98,10 +98,11 @@ def finetune_shot(seconds: int = 40) -> None:
     corrected[: h // 4, : w // 4] = 0
     labels.data = corrected
     _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune")
-    ft.refresh_layers()
-    ft.seconds_spin.setValue(seconds)
-    ft.epochs_spin.setValue(8)
-    ft.train_button.click()
+    train = ft.train_panel
+    train.refresh_layers()
+    train.seconds_spin.setValue(seconds)
+    train.epochs_spin.setValue(8)
+    train.train_button.click()
     wait(ft, timeout=seconds + 120)
     shot(viewer, "finetune_dock.png")
     viewer.close()

@@ -21,7 +21,7 @@ def docks(make_napari_viewer, model_dir):
     _, seg = viewer.window.add_plugin_dock_widget("napari-jointattn", "Segment")
     seg.set_model(str(start))
     _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune")
-    ft.advanced = dict(FAST)
+    ft.train_panel.advanced = dict(FAST)
     yield viewer, seg, ft, start
     wait_workers()
 
@@ -31,7 +31,7 @@ def lone_ft(make_napari_viewer):
     """A fresh viewer with only the Fine-tune dock open."""
     viewer = make_napari_viewer()
     _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune")
-    ft.advanced = dict(FAST)
+    ft.train_panel.advanced = dict(FAST)
     yield viewer, ft
     wait_workers()
 
@@ -42,9 +42,9 @@ def wait_idle(qtbot, dock, timeout=120_000):
 
 def wait_summary(qtbot, ft, timeout=30_000):
     """The debounced summary, computed in a worker thread, is shown; returns it."""
-    qtbot.waitUntil(lambda: not ft._summary_timer.isActive() and ft.summary_worker is None
-                    and ft.summary_label.text() != "", timeout=timeout)
-    return ft.last_summary
+    qtbot.waitUntil(lambda: not ft.train_panel._summary_timer.isActive() and ft.train_panel.summary_worker is None
+                    and ft.train_panel.summary_label.text() != "", timeout=timeout)
+    return ft.train_panel.last_summary
 
 
 def test_train_on_painted_labels(qtbot, docks, blobs, model_dir):
@@ -52,18 +52,18 @@ def test_train_on_painted_labels(qtbot, docks, blobs, model_dir):
     image, truth = blobs
     viewer.add_image(image, name="cells")
     viewer.add_labels(truth.astype(np.uint8), name="cells labels")  # the user's painting
-    assert ft.pairs() == [("cells", "cells labels")]
+    assert ft.train_panel.pairs() == [("cells", "cells labels")]
     wait_summary(qtbot, ft)
-    assert "nucleus" in ft.summary_label.text()
-    ft.seconds_spin.setValue(60)
-    ft.epochs_spin.setValue(6)
-    ft.train_button.click()
-    assert ft.train_button.text() == "Stop"
+    assert "nucleus" in ft.train_panel.summary_label.text()
+    ft.train_panel.seconds_spin.setValue(60)
+    ft.train_panel.epochs_spin.setValue(6)
+    ft.train_panel.train_button.click()
+    assert ft.train_panel.train_button.text() == "Stop"
     wait_idle(qtbot, ft)
     result = ft.controller.last_result
-    assert result is not None, ft.status.text()
+    assert result is not None, ft.train_panel.status.text()
     # the status names the validation split it chose (here the right-hand strip of the image)
-    assert f"Split {result.summary['split']}." in ft.status.text()
+    assert f"Split {result.summary['split']}." in ft.train_panel.status.text()
     assert result.summary["split"].startswith("by columns")
     losses = [h["loss"] for h in result.history[1:]]
     assert losses[-1] < losses[0]
@@ -73,15 +73,15 @@ def test_train_on_painted_labels(qtbot, docks, blobs, model_dir):
     assert model.provenance["layers"] == [{"image": "cells", "labels": "cells labels"}]
     assert model.provenance["data"]["annotated_pixels"] == truth.size
     assert seg.model_combo.currentData() == str(result.path)  # the Segment dock switched
-    assert ft.versions_list.count() == 1
+    assert ft.versions_panel.versions_list.count() == 1
     assert not [p for p in model_dir.iterdir() if ".part" in p.name]
     # the line plot has a loss and a validation curve
-    assert len(ft.axes.lines) == 2
-    ft.compare()  # both models run in a worker thread
-    qtbot.waitUntil(lambda: "cells changes" in viewer.layers and ft.compare_worker is None, timeout=60_000)
+    assert len(ft.train_panel.axes.lines) == 2
+    ft.train_panel.compare()  # both models run in a worker thread
+    qtbot.waitUntil(lambda: "cells changes" in viewer.layers and ft.train_panel.compare_worker is None, timeout=60_000)
     layer = viewer.layers["cells changes"]
     assert layer.data.shape == image.shape and set(np.unique(layer.data)) <= {0, 1, 2}
-    assert "pixels changed" in ft.status.text()
+    assert "pixels changed" in ft.train_panel.status.text()
 
 
 def test_stop_keeps_best_so_far(qtbot, docks, blobs, model_dir):
@@ -89,11 +89,11 @@ def test_stop_keeps_best_so_far(qtbot, docks, blobs, model_dir):
     image, truth = blobs
     viewer.add_image(image, name="cells")
     viewer.add_labels(truth.astype(np.uint8), name="cells labels")
-    ft.epochs_spin.setValue(1000)
-    ft.seconds_spin.setValue(600)
-    ft.train_button.click()
+    ft.train_panel.epochs_spin.setValue(1000)
+    ft.train_panel.seconds_spin.setValue(600)
+    ft.train_panel.train_button.click()
     qtbot.waitUntil(lambda: any(h.get("epoch_end") for h in ft.controller.history), timeout=60_000)
-    ft.train_button.click()  # Stop
+    ft.train_panel.train_button.click()  # Stop
     wait_idle(qtbot, ft)
     result = ft.controller.last_result
     assert result.stopped == "stopped"
@@ -102,14 +102,19 @@ def test_stop_keeps_best_so_far(qtbot, docks, blobs, model_dir):
     assert load_model(result.path).scores["val_dice"] == pytest.approx(result.best_dice, abs=1e-6)
 
 
-def test_unannotated_slices_are_ignored(qtbot, docks, blobs):
-    viewer, _seg, ft, _start = docks
+def test_unannotated_slices_are_not_counted_in_the_summary(blobs):
+    from napari.components import ViewerModel
+
+    from napari_jointattn.controllers.finetune import FinetuneController
+
     image, truth = blobs
+    viewer = ViewerModel()
     viewer.add_image(np.stack([image] * 4), name="stack")
     lab = np.zeros((4, *truth.shape), np.uint8)
     lab[1] = truth > 0
     viewer.add_labels(lab, name="stack labels")
-    summary = wait_summary(qtbot, ft)
+    ft = FinetuneController(viewer)
+    summary = ft.summary(ft.candidate_pairs(), "nuclei")
     fg = int((truth > 0).sum())
     # slices 0, 2, 3 are unannotated: counting them as background would add 3 x 11520 pixels
     assert summary["planes"] == 1
@@ -134,13 +139,13 @@ def test_summary_follows_edits_off_the_gui_thread(qtbot, docks, blobs, monkeypat
     # a burst of brush strokes: one summary computation, after the burst
     for i in range(5):
         layer.paint((20 + i, 20), 1)
-    assert ft._summary_timer.isActive()
+    assert ft.train_panel._summary_timer.isActive()
     summary = wait_summary(qtbot, ft)
     assert summary["planes"] == 1 and summary["pixels_per_class"]["nucleus"] > 0
     assert len(threads) == 1 and threads[0] is not threading.main_thread()
     # a whole-data change (undo, a script) refreshes too
     layer.data = np.zeros(truth.shape, np.int32)
-    qtbot.waitUntil(lambda: ft.last_summary is not None and ft.last_summary["planes"] == 0, timeout=30_000)
+    qtbot.waitUntil(lambda: ft.train_panel.last_summary is not None and ft.train_panel.last_summary["planes"] == 0, timeout=30_000)
 
 
 def test_gui_responsive_and_painting_while_training(qtbot, docks, blobs):
@@ -150,12 +155,12 @@ def test_gui_responsive_and_painting_while_training(qtbot, docks, blobs):
     image, truth = blobs
     viewer.add_image(image, name="cells")
     labels = viewer.add_labels(truth.astype(np.int32), name="cells labels")
-    ft.epochs_spin.setValue(3)
+    ft.train_panel.epochs_spin.setValue(3)
     ticks = []
     timer = QTimer()
     timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
     timer.start(20)
-    ft.train_button.click()
+    ft.train_panel.train_button.click()
     # paint once training is really under way, with napari's brush
     qtbot.waitUntil(lambda: any(h.get("loss") is not None for h in ft.controller.history), timeout=60_000)
     assert ft.controller.running
@@ -176,18 +181,18 @@ def test_progress_reports_steps_before_the_first_epoch_ends(qtbot, docks, blobs)
     image, truth = blobs
     viewer.add_image(image, name="cells")
     viewer.add_labels(truth.astype(np.int32), name="cells labels")
-    ft.advanced = {**FAST, "steps_per_epoch": 60, "val_every": 1000}
-    ft.epochs_spin.setValue(1)
-    ft.seconds_spin.setValue(30)
+    ft.train_panel.advanced = {**FAST, "steps_per_epoch": 60, "val_every": 1000}
+    ft.train_panel.epochs_spin.setValue(1)
+    ft.train_panel.seconds_spin.setValue(30)
     shown = []  # (time, text) of each status change
-    ft.status.setText("")
+    ft.train_panel.status.setText("")
     from qtpy.QtCore import QTimer
 
     timer = QTimer()
-    timer.timeout.connect(lambda: (not shown or shown[-1][1] != ft.status.text())
-                          and shown.append((time.perf_counter(), ft.status.text())))
+    timer.timeout.connect(lambda: (not shown or shown[-1][1] != ft.train_panel.status.text())
+                          and shown.append((time.perf_counter(), ft.train_panel.status.text())))
     timer.start(50)
-    ft.train_button.click()
+    ft.train_panel.train_button.click()
     wait_idle(qtbot, ft)
     timer.stop()
     step_lines = [text for _, text in shown if "step" in text and "loss" in text]
@@ -208,15 +213,15 @@ def test_bad_input_notifies_and_keeps_layers(qtbot, docks, blobs, case):
     viewer.add_labels(lab, name="cells labels")
     if case == "other-shape":
         wait_summary(qtbot, ft)
-        assert "shape" in ft.summary_label.text()
+        assert "shape" in ft.train_panel.summary_label.text()
         assert "cells labels" not in ft.controller.labels_names("cells")  # not offered for pairing
     before = [(l.name, np.asarray(l.data).copy()) for l in viewer.layers]
-    ft.train_button.click()
+    ft.train_panel.train_button.click()
     wait_idle(qtbot, ft)
     assert ft.controller.last_result is None
     expected = {"no-labels": "no annotated pixels", "other-shape": "shape",
                 "single-class": "only one class is annotated"}[case]
-    assert expected in ft.status.text()
+    assert expected in ft.train_panel.status.text()
     for name, data in before:
         np.testing.assert_array_equal(viewer.layers[name].data, data)
 
@@ -226,25 +231,12 @@ def test_image_removed_during_training(qtbot, docks, blobs):
     image, truth = blobs
     viewer.add_image(image, name="cells")
     viewer.add_labels(truth.astype(np.uint8), name="cells labels")
-    ft.epochs_spin.setValue(2)
-    ft.train_button.click()
+    ft.train_panel.epochs_spin.setValue(2)
+    ft.train_panel.train_button.click()
     viewer.layers.remove("cells")
     wait_idle(qtbot, ft)
     assert ft.controller.last_result is not None  # trained on the snapshot
     assert "cells labels" in viewer.layers
-
-
-def test_rollback_to_an_earlier_version(qtbot, docks, blobs, model_dir):
-    viewer, seg, ft, _start = docks
-    older = save_model(new_model("nuclei", seed=1, provenance={"parent": "start"}),
-                       model_dir / "start-ft-older.safetensors")
-    ft.refresh_versions()
-    ft.versions_list.setCurrentRow(0)
-    ft.use_selected()
-    assert seg.model_combo.currentData() == str(older)
-    assert seg.controller.make_request(*_image(viewer, blobs)).model_key == str(older)
-    out = ft.controller.export(older, str(model_dir.parent / "exported"))
-    assert load_model(out).provenance["parent"] == "start"
 
 
 def _image(viewer, blobs):
@@ -254,80 +246,65 @@ def _image(viewer, blobs):
 
 
 def test_rollback_without_a_segment_dock(qtbot, lone_ft, blobs, model_dir):
-    """Rollback changes what the next Segment uses, even with no Segment dock open."""
+    """Use selected changes what the next Segment uses, even with no Segment dock open."""
     viewer, ft = lone_ft
     older = save_model(new_model("nuclei", seed=1, provenance={"parent": "nuclei"}),
                        model_dir / "nuclei-ft-older.safetensors")
-    ft.refresh_versions()
-    ft.versions_list.setCurrentRow(0)
-    ft.use_selected()
-    assert "nuclei-ft-older" in ft.status.text()
+    ft.versions_panel.refresh_versions()
+    ft.versions_panel.versions_list.setCurrentRow(0)
+    ft.versions_panel.use_button.click()
+    assert "nuclei-ft-older" in ft.versions_panel.status.text()
     # a Segment dock opened afterwards starts on it, and so does its next run
     _, seg = viewer.window.add_plugin_dock_widget("napari-jointattn", "Segment")
     assert seg.model_combo.currentData() == str(older)
     assert seg.controller.make_request(*_image(viewer, blobs)).model_key == str(older)
     # and the Fine-tune dock's default start model follows it
-    assert ft.controller.resolve_start(ft.start_combo.currentData()) == str(older)
+    assert ft.controller.resolve_start(ft.train_panel.start_key()) == str(older)
 
 
-def test_no_improvement_is_shown_and_not_listed_as_a_version(qtbot, docks, blobs, model_dir):
-    from napari_jointattn.widgets import finetune
+def test_no_improvement_is_shown_and_not_listed_as_a_version(qtbot, docks, blobs, model_dir, monkeypatch):
+    from napari.utils import notifications
 
     viewer, seg, ft, start = docks
     image, truth = blobs
     viewer.add_image(image, name="cells")
     viewer.add_labels(truth.astype(np.uint8), name="cells labels")
-    ft.advanced = {**FAST, "lr": 1e-30, "head": "keep"}  # no weight can change: never beaten
-    ft.epochs_spin.setValue(1)
+    ft.train_panel.advanced = {**FAST, "lr": 1e-30, "head": "keep"}  # no weight can change: never beaten
+    ft.train_panel.epochs_spin.setValue(1)
     warned = []
-    original = finetune.FinetuneDock._done
-
-    def spy(self, request, result):
-        import napari.utils.notifications as notes
-
-        shown = notes.show_warning
-        notes.show_warning = warned.append
-        try:
-            original(self, request, result)
-        finally:
-            notes.show_warning = shown
-
-    finetune.FinetuneDock._done = spy
-    try:
-        ft.train_button.click()
-        wait_idle(qtbot, ft)
-    finally:
-        finetune.FinetuneDock._done = original
+    monkeypatch.setattr(notifications, "show_warning", warned.append)
+    ft.train_panel.train_button.click()
+    wait_idle(qtbot, ft)
     result = ft.controller.last_result
     assert result is not None and not result.improved and result.path is None
-    assert "No improvement over the start model" in ft.status.text()
+    assert "No improvement over the start model" in ft.train_panel.status.text()
     assert any("no improvement" in w for w in warned)
     assert sorted(p.name for p in model_dir.iterdir()) == ["start.safetensors"]  # nothing saved
-    assert ft.versions_list.count() == 0
+    assert ft.versions_panel.versions_list.count() == 0
     assert seg.model_combo.currentData() == str(start)  # the Segment dock keeps its model
-    assert not ft.compare_button.isEnabled()
+    assert not ft.train_panel.compare_button.isEnabled()
 
 
 def test_fine_tune_dock_alone_trains_with_its_defaults(qtbot, lone_ft, blobs, model_dir):
     """A fresh viewer, only the Fine-tune dock: add an image and a Labels layer of any name,
     click Train with every default, get a model file (started from the first preset)."""
     viewer, ft = lone_ft
-    ft.epochs_spin.setValue(1)
+    ft.train_panel.epochs_spin.setValue(1)
     image, truth = blobs
     viewer.add_image(image, name="cells")
     viewer.add_labels(np.zeros((10, 10), np.int32), name="other size")
     wait_summary(qtbot, ft)
-    assert "Add pair" in ft.summary_label.text()  # says how to pair
+    assert "Add pair" in ft.train_panel.summary_label.text()  # says how to pair
     viewer.add_labels(np.zeros(truth.shape, np.int32), name="my painting")  # a new, empty layer
-    assert ft.image_combo.currentText() == "cells"
-    assert [ft.labels_combo.itemText(i) for i in range(ft.labels_combo.count())] == ["my painting"]
+    assert ft.train_panel.image_combo.currentText() == "cells"
+    assert [ft.train_panel.labels_combo.itemText(i) for i in range(ft.train_panel.labels_combo.count())] == ["my painting"]
     viewer.layers["my painting"].data = truth.astype(np.int32)  # the user paints
-    assert ft.start_combo.currentData() == "current Segment model"
-    ft.train_button.click()  # no Add pair: the pair shown is used
-    assert ft.pairs() == [("cells", "my painting")]
+    assert ft.train_panel.start_combo.currentData() == "current Segment model"
+    ft.train_panel.train_button.click()  # no Add pair: the pair shown is used
+    assert ft.train_panel.pairs() == [("cells", "my painting")]
     wait_idle(qtbot, ft)
     result = ft.controller.last_result
-    assert result is not None, ft.status.text()
+    assert result is not None, ft.train_panel.status.text()
     assert ft.controller.last_request.start == "nuclei"  # the first preset
     assert result.path is not None and result.path.is_file() and result.path.parent == model_dir
     assert result.path.name.startswith("nuclei-ft-")
@@ -339,16 +316,16 @@ def test_export_a_version_as_onnx_from_the_dock(qtbot, docks, model_dir, tmp_pat
 
     viewer, seg, ft, _start = docks
     save_model(new_model("nuclei", seed=1, provenance={"parent": "start"}), model_dir / "start-ft-older.safetensors")
-    ft.refresh_versions()
-    ft.versions_list.setCurrentRow(0)
+    ft.versions_panel.refresh_versions()
+    ft.versions_panel.versions_list.setCurrentRow(0)
     monkeypatch.setattr(QFileDialog, "getSaveFileName",
                         staticmethod(lambda *a, **k: (str(tmp_path / "shared"), "ONNX (*.onnx)")))
-    assert ft.versions_list.selectedItems()
-    ft.export_button.click()
-    qtbot.waitUntil(lambda: ft.export_button.isEnabled(), timeout=120_000)
-    assert ft.last_export == tmp_path / "shared.onnx", ft.status.text()
+    assert ft.versions_panel.versions_list.selectedItems()
+    ft.versions_panel.export_button.click()
+    qtbot.waitUntil(lambda: ft.versions_panel.export_button.isEnabled(), timeout=120_000)
+    assert ft.versions_panel.last_export == tmp_path / "shared.onnx", ft.versions_panel.status.text()
     assert (tmp_path / "shared.onnx").is_file() and (tmp_path / "shared.onnx.json").is_file()
-    assert "Exported" in ft.status.text()
+    assert "Exported" in ft.versions_panel.status.text()
     import onnxruntime
 
     onnxruntime.InferenceSession(str(tmp_path / "shared.onnx"), providers=["CPUExecutionProvider"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -152,3 +153,165 @@ def test_branch_disagreement_is_zero_where_branches_agree_and_needs_a_joint_mode
                       classes=["background", "object"], seed=0)
     with pytest.raises(BadInputError, match="no joint"):
         LiveTrainer(plain, seed=0).disagreement(image)
+
+
+# ---- the live controller's GUI-thread side, on a ViewerModel (no window) --------------------------
+class Watched(np.ndarray):
+    """A painted mask that notes the size of every array a reduction or copy reads from it."""
+
+    reads: ClassVar[list[int]] = []
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        Watched.reads += [a.size for a in inputs if isinstance(a, Watched)]
+        inputs = tuple(np.asarray(a) for a in inputs)
+        if "out" in kwargs:
+            kwargs["out"] = tuple(np.asarray(o) for o in kwargs["out"])
+        return getattr(ufunc, method)(*inputs, **kwargs)
+
+    def __array_function__(self, func, types, args, kwargs):
+        Watched.reads += [a.size for a in args if isinstance(a, Watched)]
+        return super().__array_function__(func, types, args, kwargs)
+
+    def copy(self, *args, **kwargs):
+        Watched.reads.append(self.size)
+        return super().copy(*args, **kwargs)
+
+
+def _controller(shape, **start):
+    from napari.components import ViewerModel
+
+    from napari_jointattn.controllers.live import LiveController
+
+    viewer = ViewerModel()
+    viewer.add_image(np.zeros(shape, np.float32), name="img")
+    layer = viewer.add_labels(np.zeros(shape, np.int32), name="img labels")
+    ctl = LiveController(viewer)
+    ctl.start("img", "img labels", **start)
+    layer.events.paint.connect(lambda e: ctl.record_paint(e.value))
+    return viewer, layer, ctl
+
+
+def _drag(layer, points, mode="erase", displayed=(0, 1)):
+    """A mouse drag over ``points`` through napari's mouse-callback machinery."""
+    from napari.utils._test_utils import read_only_mouse_event
+    from napari.utils.interactions import (
+        mouse_move_callbacks,
+        mouse_press_callbacks,
+        mouse_release_callbacks,
+    )
+
+    layer.mode = mode
+    kinds = ["mouse_press"] + ["mouse_move"] * (len(points) - 2) + ["mouse_release"]
+    calls = {"mouse_press": mouse_press_callbacks, "mouse_move": mouse_move_callbacks,
+             "mouse_release": mouse_release_callbacks}
+    for kind, p in zip(kinds, points):
+        event = read_only_mouse_event(type=kind, is_dragging=kind == "mouse_move", position=p,
+                                      dims_displayed=list(displayed), view_direction=None)
+        calls[kind](layer, event)
+    layer.mode = "pan_zoom"
+
+
+def test_erase_drags_are_recorded_by_the_controllers_callback():
+    _, layer, ctl = _controller((32, 48))
+    recorded = []
+    layer.mouse_drag_callbacks.append(ctl.erase_capture(lambda: recorded.append(1)))
+    layer.brush_size = 3
+    _drag(layer, [(5, 2), (5, 20), (5, 40), (5, 40)])
+    # erasing over pixels that were 0 changes nothing napari reports, yet it marks background
+    assert recorded == [1] and ctl.painted[4:7, 1:42].all() and not ctl.painted[8:].any()
+    layer.selected_label = 2
+    _drag(layer, [(20, 2), (20, 20), (20, 20)], mode="paint")  # painting an object: napari reports it
+    assert recorded == [1] and ctl.painted[20, 2:21].all() and layer.data[20, 10] == 2
+    painted = ctl.painted.copy()
+    layer.selected_label = 0  # painting label 0 erases
+    _drag(layer, [(28, 5), (28, 9), (28, 9)], mode="paint")
+    assert recorded == [1, 1] and ctl.painted[28, 5:10].all()
+    ctl.painted[...] = painted
+    _drag(layer, [(12, 5), (12, 9), (12, 9)], displayed=(1, 0))  # a transposed view: not a 2-D drag
+    assert recorded == [1, 1] and not ctl.painted[12].any()
+    _drag(layer, [(5, 2), (5, 20), (5, 20)])  # nothing new under the brush: no hand-over
+    assert recorded == [1, 1]
+
+
+def test_erase_footprint_is_a_disk_of_the_brush_along_the_path():
+    from skimage.draw import disk
+    from skimage.measure import label
+
+    _, _, ctl = _controller((40, 40))
+    assert ctl.record_erase([(20, 20)], brush_size=5) == 21  # a disk 5 pixels across
+    want = np.zeros((40, 40), bool)
+    want[disk((20, 20), 2.5)] = True
+    assert np.array_equal(ctl.painted, want)
+    assert ctl.record_erase([(20, 20)], brush_size=5) == 0  # nothing new
+    ctl.painted[...] = False
+    # a diagonal stroke leaves no gap, runs off the image without error and stops at its edge
+    added = ctl.record_erase([(2, 2), (30, 37), (60, 37)], brush_size=1)
+    assert added == ctl.painted.sum() == 36 + 9 and ctl.painted[2, 2] and ctl.painted[39, 37]
+    assert label(ctl.painted, connectivity=2).max() == 1
+    _, _, stack = _controller((3, 40, 40))
+    stack.record_erase([(1, 10, 0), (1, 10, 39)], brush_size=3)
+    assert stack.painted[1, 9:12].all() and not stack.painted[[0, 2]].any()
+    assert stack.record_erase([(7, 10, 10)], brush_size=3) == 0  # no such slice
+
+
+def test_painting_on_a_stack_reads_only_the_touched_region():
+    """Per paint event and per hand-over, the work follows the strokes, not the volume."""
+    from napari_jointattn.controllers.live import WHOLE_SLICES
+
+    shape = (64, 256, 256)
+    _, layer, ctl = _controller(shape, annotated=WHOLE_SLICES)
+    ctl.painted = ctl.painted.view(Watched)
+    Watched.reads = []
+    layer.brush_size = 7
+    layer.paint((3, 100, 100), 1)
+    layer.data_setitem((np.full(20, 10), np.full(20, 50), np.arange(20, 40)), 2)
+    ctl.record_erase([(10, 60, 20), (10, 60, 60)], brush_size=5)
+    assert ctl.painted[3, 100, 100] and ctl.painted[10, 50, 20:40].all() and ctl.painted[10, 60, 20:61].all()
+    plane = shape[1] * shape[2]
+    assert Watched.reads and max(Watched.reads) <= 8 * 64  # the strokes' bounding boxes
+    snap = ctl.snapshot()
+    assert max(Watched.reads) <= 2 * plane  # the two slices painted on, never the volume
+    assert snap.planes == (3, 10) and snap.labels.shape == (2, 256, 256)
+    assert snap.painted_pixels == ctl.painted.view(np.ndarray).sum()
+    labels, mask, weights = snap.full()
+    assert labels.shape == shape and labels[10, 50, 25] == 2 and labels[3, 100, 100] == 1
+    assert mask[[3, 10]].all() and not mask[4].any() and weights[10, 60, 30] == 5.0
+
+
+def test_live_layers_are_added_one_per_turn_then_written_in_place():
+    from napari_jointattn.controllers.live import LivePrediction
+
+    viewer, _, ctl = _controller((4, 16, 16))
+    classes, u = np.ones((16, 16), np.uint8), np.full((16, 16), 0.5, np.float32)
+    # the uncertainty first (below), then the prediction: each already shows the plane predicted
+    assert ctl.show_prediction(LivePrediction(1, classes, u, 0)) is True
+    assert [x.name for x in viewer.layers][2:] == ["img uncertainty"]
+    assert viewer.layers["img uncertainty"].data[1].min() == 0.5 and not viewer.layers["img uncertainty"].data[0].any()
+    assert ctl.show_prediction(ctl.latest) is True
+    pred = viewer.layers["img live prediction"]
+    assert pred.data.shape == (4, 16, 16) and pred.data[1].all() and not pred.data[2].any()
+    # both exist: a prediction of another slice is written into that plane, nothing added
+    assert ctl.show_prediction(LivePrediction(2, 2 * classes, 0 * u, 5)) is False
+    assert len(viewer.layers) == 4 and (pred.data[2] == 2).all() and pred.data[1].all()
+    assert not viewer.layers["img uncertainty"].data[2].any()
+    pred.data = np.zeros((8, 8), np.uint8)  # the user put other data in it: left alone
+    assert ctl.show_prediction(LivePrediction(0, classes, u, 6)) is False
+    assert viewer.layers["img uncertainty"].data[0].min() == 0.5
+    ctl.reset()
+    assert ctl.show_prediction(LivePrediction(0, classes, u, 7)) is False
+
+
+def test_the_view_follows_next_and_the_loop_follows_the_view():
+    from napari_jointattn.controllers.live import Target
+
+    viewer, layer, ctl = _controller((5, 32, 32))
+    ctl.go_to(Target(3, 10, 20, 0.9, (0, 0, 20, 20)))
+    assert viewer.dims.current_step[0] == 3 and tuple(viewer.camera.center)[-2:] == (10.0, 20.0)
+    ctl.follow_view()
+    assert ctl.view_slice == 3
+    viewer.dims.set_current_step(0, 1)
+    ctl.follow_view()
+    assert ctl.view_slice == 1
+    assert ctl.data_replaced() is None  # same shape: hand the labels over again
+    layer.data = np.zeros((5, 8, 8), np.int32)
+    assert "another shape" in ctl.data_replaced()

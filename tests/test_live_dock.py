@@ -133,10 +133,12 @@ def test_whole_slices_mode_counts_painted_slices_and_weights_the_strokes(viewer,
     layer.brush_size = 5
     layer.paint((3, 20, 20), 1)
     snap = ctl.snapshot()
+    assert snap.planes == (3,) and snap.labels.shape == (1, 64, 64)  # only the slice painted on
+    labels_, mask, weights = snap.full()
     # slice 3 was painted on: it counts as a whole; slice 1 was not touched since the start
-    assert snap.mask[3].all() and not snap.mask[[0, 1, 2, 4]].any()
-    assert snap.weights[3, 20, 20] == 5.0 and snap.weights[3, 0, 0] == 1.0
-    assert snap.labels[3, 20, 20] == 1
+    assert mask[3].all() and not mask[[0, 1, 2, 4]].any()
+    assert weights[3, 20, 20] == 5.0 and weights[3, 0, 0] == 1.0
+    assert labels_[3, 20, 20] == 1 and not labels_[1].any()
     assert labels is layer.data and layer.data[3, 20, 20] == 1  # the user's layer, untouched by us
     ctl.submit()
     ctl.view_slice = 3
@@ -166,11 +168,13 @@ def test_no_improvement_saves_nothing_and_warns(viewer, tiny_file, model_dir):
     layer.paint((10, 10), 1)
     ctl.record_erase([(40, 40)], brush_size=3)
     ctl.submit()
-    ctl.trainer = None
-    ctl.prepare()
-    ctl._hand_over()
+    loop = ctl.run()
+    assert next(loop)["snapshots"] == 1  # the strokes were handed over and trained on
     ctl.trainer.scores = lambda: {"start": 0.9, "live": 0.8, "improved": False}  # as if nothing was learnt
-    outcome = ctl.finish()
+    ctl.stop()
+    with pytest.raises(StopIteration) as end:
+        next(loop)
+    outcome = end.value.value
     assert outcome.path is None and "no improvement over the start model" in ctl.finished(outcome)
     assert sorted(p.name for p in model_dir.iterdir()) == ["tiny.safetensors"]
     assert ctl.session.current_model() == tiny_file
@@ -249,7 +253,7 @@ def live_dock(make_napari_viewer, tiny_file):
     viewer = make_napari_viewer()
     _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune")
     ft.controller.session.set_model(tiny_file)
-    ft.live_settings = dict(FAST)
+    ft.live_panel.settings = dict(FAST)
     ft.live.refresh, ft.live.burst = 0.3, 0.3
     yield viewer, ft
     ft.live.stop()
@@ -263,9 +267,9 @@ def test_learn_while_i_paint_in_the_dock(qtbot, live_dock, model_dir):
     layer = viewer.add_labels(np.zeros(truth.shape, np.int32), name="cells labels")
     user_labels = layer.data
     meter = GapMeter()
-    ft.live_button.click()
-    assert ft.live_button.text() == "Stop live" and ft.next_button.isEnabled()
-    assert not ft.train_button.isEnabled()  # one training at a time
+    ft.live_panel.live_button.click()
+    assert ft.live_panel.live_button.text() == "Stop live" and ft.live_panel.next_button.isEnabled()
+    assert not ft.train_panel.train_button.isEnabled()  # one training at a time
     # the start model's view comes first, in its own layers (never the user's labels)
     qtbot.waitUntil(lambda: "cells live prediction" in viewer.layers and "cells uncertainty" in viewer.layers,
                     timeout=20_000)
@@ -281,7 +285,7 @@ def test_learn_while_i_paint_in_the_dock(qtbot, live_dock, model_dir):
     qtbot.waitUntil(lambda: ft.live.trainer is not None and ft.live.trainer.snapshots >= 1, timeout=20_000)
     before = pred.data.copy()
     qtbot.waitUntil(lambda: not np.array_equal(pred.data, before), timeout=20_000)  # it learns and shows it
-    assert "steps" in ft.live_status.text() and "snapshot" in ft.live_status.text()
+    assert "steps" in ft.live_panel.status.text() and "snapshot" in ft.live_panel.status.text()
     # a correction stroke: the live prediction comes to agree with it
     stroke = np.zeros(truth.shape, bool)
     stroke[72:81, 50:67] = truth[72:81, 50:67] > 0  # an object in the unpainted bottom half
@@ -289,50 +293,78 @@ def test_learn_while_i_paint_in_the_dock(qtbot, live_dock, model_dir):
     qtbot.waitUntil(lambda: np.mean(pred.data[stroke] > 0) >= 0.8, timeout=30_000)
     # Next moves the view to an unannotated region
     centre = tuple(viewer.camera.center)
-    ft.next_button.click()
+    ft.live_panel.next_button.click()
     qtbot.waitUntil(lambda: tuple(viewer.camera.center) != centre, timeout=20_000)
     assert viewer.camera.center[-2] > 48  # below the painted rows: not annotated yet
-    assert "Next:" in ft.live_status.text()
+    assert "Next:" in ft.live_panel.status.text()
     qtbot.waitUntil(lambda: ft.live.trainer.steps >= 60, timeout=30_000)
-    ft.live_button.click()  # Stop
-    qtbot.waitUntil(lambda: ft.live_worker is None, timeout=30_000)
+    ft.live_panel.live_button.click()  # Stop
+    qtbot.waitUntil(lambda: ft.live_panel.worker is None, timeout=30_000)
     worst = meter.worst()
     assert worst < 1.0, f"the event loop was blocked for {worst:.2f} s"
     assert layer.data is user_labels and (layer.data[stroke] == 1).all()
     assert not layer.data[~stroke][48 * 96:].any()  # nothing written into the user's labels
-    assert ft.live_button.text() == "Start live" and ft.train_button.isEnabled()
+    assert ft.live_panel.live_button.text() == "Start live" and ft.train_panel.train_button.isEnabled()
     versions = [p for p in model_dir.iterdir() if "-ft-" in p.name]
     if versions:  # improved: a version, the session's current model
         assert ft.controller.session.current_model() == str(versions[0])
-        assert "Saved" in ft.live_status.text() and ft.versions_list.count() == 1
+        assert "Saved" in ft.live_panel.status.text() and ft.versions_panel.versions_list.count() == 1
     else:
-        assert "no improvement over the start model" in ft.live_status.text()
-    assert versions, ft.live_status.text()  # these strokes teach the tiny model: it improves
+        assert "no improvement over the start model" in ft.live_panel.status.text()
+    assert versions, ft.live_panel.status.text()  # these strokes teach the tiny model: it improves
 
 
 def test_live_mode_stops_when_its_layers_go_and_refuses_bad_pairs(qtbot, live_dock):
     viewer, ft = live_dock
-    ft.live_button.click()
-    assert "Add pair" in ft.live_status.text() and not ft.live.active  # no pair
+    ft.live_panel.live_button.click()
+    assert "Add pair" in ft.live_panel.status.text() and not ft.live.active  # no pair
     image, truth = _disks(64, 64)
     viewer.add_image(image, name="cells")
-    viewer.add_labels(np.zeros((32, 32), np.int32), name="other")
-    ft.image_combo.setCurrentText("cells")
-    ft.labels_combo.addItem("other")
-    ft.labels_combo.setCurrentText("other")
-    ft.pairs_list.clear()
-    ft._append_pair(("cells", "other"))
-    ft.live_button.click()
-    assert "must match" in ft.live_status.text() and not ft.live.active
-    ft.pairs_list.clear()
+    other = viewer.add_labels(np.zeros(truth.shape, np.int32), name="other")
+    ft.train_panel.image_combo.setCurrentText("cells")
+    ft.train_panel.labels_combo.setCurrentText("other")
+    ft.train_panel.add_pair_button.click()
+    assert ft.train_panel.pairs() == [("cells", "other")]
+    other.data = np.zeros((32, 32), np.int32)  # the paired labels are replaced by another size
+    ft.live_panel.live_button.click()
+    assert "must match" in ft.live_panel.status.text() and not ft.live.active
+    ft.train_panel.pairs_list.clear()
     viewer.add_labels(np.zeros(truth.shape, np.int32), name="cells labels")
-    ft.live_button.click()
+    ft.live_panel.live_button.click()
     assert ft.live.active
     qtbot.waitUntil(lambda: "cells live prediction" in viewer.layers, timeout=20_000)
     viewer.layers.remove("cells labels")
-    qtbot.waitUntil(lambda: ft.live_worker is None, timeout=20_000)
-    assert not ft.live.active and ft.live_button.text() == "Start live"
-    assert "nothing was saved" in ft.live_status.text()  # nothing was painted
+    qtbot.waitUntil(lambda: ft.live_panel.worker is None, timeout=20_000)
+    assert not ft.live.active and ft.live_panel.live_button.text() == "Start live"
+    assert "nothing was saved" in ft.live_panel.status.text()  # nothing was painted
+
+
+def test_live_mode_leaves_the_shared_worker_threads_free(qtbot, live_dock):
+    """The live loop runs on a thread of its own: with a single thread in napari's global pool
+    (the core count of a small laptop, minus the GUI thread), other work still runs meanwhile."""
+    from qtpy.QtCore import QThreadPool
+
+    from napari_jointattn.widgets import _workers
+
+    viewer, ft = live_dock
+    image, truth = _disks(64, 64)
+    viewer.add_image(image, name="cells")
+    viewer.add_labels(np.zeros(truth.shape, np.int32), name="cells labels")
+    shared = QThreadPool.globalInstance()
+    before = shared.maxThreadCount()
+    shared.setMaxThreadCount(1)
+    try:
+        ft.live_panel.live_button.click()
+        qtbot.waitUntil(lambda: "cells live prediction" in viewer.layers, timeout=20_000)
+        assert ft.live.active and ft.live_panel.worker is not None
+        answers = []
+        _workers.start(lambda: 42, answers.append, answers.append, lambda: None)
+        qtbot.waitUntil(lambda: answers == [42], timeout=5_000)
+        assert ft.live.active  # the loop was running all along
+    finally:
+        ft.live_panel.live_button.click()
+        qtbot.waitUntil(lambda: ft.live_panel.worker is None, timeout=30_000)
+        shared.setMaxThreadCount(before)
 
 
 def test_closing_the_viewer_ends_the_live_loop(qtbot, make_napari_viewer, tiny_file):
@@ -341,11 +373,11 @@ def test_closing_the_viewer_ends_the_live_loop(qtbot, make_napari_viewer, tiny_f
     viewer = make_napari_viewer()
     _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune")
     ft.controller.session.set_model(tiny_file)
-    ft.live_settings = dict(FAST)
+    ft.live_panel.settings = dict(FAST)
     image, truth = _disks(64, 64)
     viewer.add_image(image, name="cells")
     viewer.add_labels(np.zeros(truth.shape, np.int32), name="cells labels")
-    ft.live_button.click()
+    ft.live_panel.live_button.click()
     qtbot.waitUntil(lambda: "cells live prediction" in viewer.layers, timeout=20_000)
     stop_event = ft.live.stop_event
     assert _workers.running() == 1
@@ -390,21 +422,21 @@ def test_next_moves_to_another_slice_of_a_stack(qtbot, live_dock):
     viewer.add_image(stack, name="stack")
     layer = viewer.add_labels(np.zeros(stack.shape, np.int32), name="stack labels")
     viewer.dims.set_point(0, 1)
-    ft.annotated_combo.setCurrentText("whole slices I painted on")
-    ft.live_button.click()
+    ft.live_panel.annotated_combo.setCurrentText("whole slices I painted on")
+    ft.live_panel.live_button.click()
     assert ft.live.active and ft.live.view_slice == 1
     qtbot.waitUntil(lambda: "stack live prediction" in viewer.layers, timeout=20_000)
     assert viewer.layers["stack live prediction"].data.shape == stack.shape
     layer.brush_size = 7
     layer.paint((1, 20, 20), 1)  # slice 1 (in view) is now annotated as a whole
     qtbot.waitUntil(lambda: ft.live.submitted >= 1, timeout=5_000)
-    ft.next_button.click()
+    ft.live_panel.next_button.click()
     qtbot.waitUntil(lambda: viewer.dims.current_step[0] != 1, timeout=20_000)
     assert ft.live.view_slice == viewer.dims.current_step[0]  # the loop follows the view
     qtbot.waitUntil(lambda: viewer.layers["stack live prediction"].data[viewer.dims.current_step[0]].any()
                     or viewer.layers["stack uncertainty"].data[viewer.dims.current_step[0]].any(), timeout=20_000)
-    ft.live_button.click()
-    qtbot.waitUntil(lambda: ft.live_worker is None, timeout=30_000)
+    ft.live_panel.live_button.click()
+    qtbot.waitUntil(lambda: ft.live_panel.worker is None, timeout=30_000)
 
 
 def test_next_ranks_by_branch_disagreement_or_entropy(viewer, tiny_file, model_dir):
@@ -422,7 +454,6 @@ def test_next_ranks_by_branch_disagreement_or_entropy(viewer, tiny_file, model_d
     for guide in (DISAGREEMENT, ENTROPY):
         ctl.start("cells", "cells labels", guide=guide, **FAST)
         ctl.prepare()
-        ctl._hand_over()
         with torch.no_grad():
             for _, module in ctl.trainer.net.attention_keys():
                 module.gamma.fill_(3.0)  # branches that make a difference
@@ -439,5 +470,4 @@ def test_next_ranks_by_branch_disagreement_or_entropy(viewer, tiny_file, model_d
     ctl = _live(viewer, str(save_model(plain, model_dir / "plain.safetensors")))
     ctl.start("cells", "cells labels", guide=DISAGREEMENT, **FAST)
     ctl.prepare()
-    ctl._hand_over()
     assert ctl.next_target().guide == ENTROPY

@@ -6,7 +6,9 @@ viewer's :class:`~.session.Session`, so a new model or a rollback is what the
 next Segment uses whether or not the Segment dock is open. Model files are
 read, models run and annotations counted only in the methods meant for a
 worker thread (:meth:`FinetuneController.compute_summary`, :meth:`run`,
-:meth:`compare`); the GUI-thread methods only snapshot layer data.
+:meth:`compare`); the GUI-thread methods only snapshot layer data. The
+functions :func:`summary_text`, :func:`progress_text`, :func:`result_text` and
+:func:`curves` turn results into what the dock shows.
 """
 
 from __future__ import annotations
@@ -95,6 +97,52 @@ def check_classes_annotated(request: TrainRequest) -> dict:
         raise BadInputError(f"only one class is annotated ({present[0]}): training needs at least two "
                             "(paint some background and some objects)")
     return summary
+
+
+def summary_text(s: dict) -> str:
+    """The annotation summary as the dock shows it."""
+    per_class = ", ".join(f"{k}: {v:,}" for k, v in s["pixels_per_class"].items())
+    text = f"Annotated: {s['images']} image(s), {s['planes']} image(s)/slice(s); pixels: {per_class}"
+    if s["warnings"]:
+        text += "\n⚠ " + "\n⚠ ".join(s["warnings"])
+    return text
+
+
+def progress_text(info: dict) -> str:
+    """A training progress report (``train()``'s callback value) as one status line."""
+    if info.get("val_dice") is not None:
+        where = ("Start model" if info["epoch"] == 0
+                 else f"Epoch {info['epoch']}, step {info['step']}/{info['steps']}")
+        return f"{where}: validation Dice {info['val_dice']:.3f} (best {info['best_dice']:.3f})"
+    best = info.get("best_dice")
+    return (f"Epoch {info['epoch']}/{info.get('epochs', '?')}, "
+            f"step {info['step']}/{info['steps']}: loss {info['loss']:.3f}, {info['seconds']:.0f} s"
+            + (f" (best validation Dice {best:.3f})" if isinstance(best, float) else ""))
+
+
+def result_text(result) -> str:
+    """How a training run ended, for the status line: what was saved, or why nothing was."""
+    if not result.improved:
+        return (f"No improvement over the start model (validation Dice {result.start_dice:.3f} "
+                f"was never beaten in {result.seconds:.0f} s): nothing saved. "
+                "Train longer or annotate more. "
+                f"Split {result.summary['split']}.")
+    return (f"Saved {result.path.name}: best validation Dice {result.best_dice:.3f} (start model "
+            f"{result.start_dice:.3f}; epoch {result.best_epoch}), stopped by {result.stopped}, "
+            f"{result.seconds:.0f} s on {result.device}. The Segment dock now uses it. "
+            f"Split {result.summary['split']}.")
+
+
+def curves(history: list[dict]) -> tuple[tuple[list, list], tuple[list, list]]:
+    """The plot's two curves from the progress reports: (epochs, training loss) of the steps and
+    (epochs, validation Dice) of the checks; the start model's score sits at epoch 0."""
+    def x(h):
+        return max(0.0, (h["epoch"] - 1) + h["step"] / h["steps"])
+
+    steps = [h for h in history if h.get("val_dice") is None]
+    checks = [h for h in history if h.get("val_dice") is not None]
+    return (([x(h) for h in steps], [h["loss"] for h in steps]),
+            ([x(h) for h in checks], [h["val_dice"] for h in checks]))
 
 
 class FinetuneController:

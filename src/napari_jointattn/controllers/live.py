@@ -14,10 +14,15 @@ erased or filled on the labels layer since live mode started; a label > 0 is
 that class, 0 is background. napari 0.9.2 records (and emits
 ``events.paint`` for) only pixels whose value changes, so erasing over pixels
 that are already 0 emits nothing: the dock therefore also records the
-footprint of every *erase* stroke itself (:meth:`record_erase`), so erasing
-anywhere marks background. :data:`WHOLE_SLICES`: every slice painted on counts
-as a whole (0 = background), the painted pixels weighted higher, as *Weight
-my corrections* does. The user's labels layer is only read, never written.
+footprint of every *erase* stroke itself (the mouse callback
+:meth:`LiveController.erase_capture` gives it), so erasing anywhere marks
+background. :data:`WHOLE_SLICES`: every slice painted on counts as a whole
+(0 = background), the painted pixels weighted higher, as *Weight my
+corrections* does. The user's labels layer is only read, never written.
+
+What the dock shows of the worker's reports is decided here too
+(:meth:`LiveController.show_prediction`, :meth:`LiveController.go_to`): the
+dock only runs these methods on the GUI thread, when they ask to be run.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 
 from ..engine.errors import BadInputError
 from .finetune import CORRECTION_EXTRA, NO_PAIR, resolve_start
-from .layers import layer_input
+from .layers import current_index, layer_input
 from .session import Session, session_for
 
 PAINTED = "painted pixels only"
@@ -68,12 +73,37 @@ def uncertainty_name(image_name: str) -> str:
 
 @dataclass
 class Snapshot:
-    """A copy of the annotations, taken on the GUI thread, for the trainer."""
+    """A copy of the annotated part of the annotations, taken on the GUI thread, for the trainer.
+
+    For a stack, ``labels``, ``mask`` and ``weights`` hold only the slices
+    listed in ``planes`` (the slices painted on), in that order; for a 2-D
+    image ``planes`` is None and they are whole. :meth:`full` gives arrays of
+    the image's shape.
+    """
 
     labels: np.ndarray
     mask: np.ndarray
     weights: np.ndarray | None
     painted_pixels: int
+    planes: tuple[int, ...] | None = None
+    shape: tuple = ()
+
+    def full(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """Labels, mask and weights of the image's shape (worker thread). The slices not
+        painted on are unannotated: mask False, labels and weights 0 (the weights of
+        unannotated pixels weigh nothing). For a stack, only the painted slices are written
+        into zero-filled volumes, so the pages of the others are never touched here."""
+        if self.planes is None:
+            return self.labels, self.mask, self.weights
+        labels = np.zeros(self.shape, self.labels.dtype)
+        mask = np.zeros(self.shape, bool)
+        weights = None if self.weights is None else np.zeros(self.shape, np.float32)
+        for i, z in enumerate(self.planes):
+            labels[z] = self.labels[i]
+            mask[z] = self.mask[i]
+            if weights is not None:
+                weights[z] = self.weights[i]
+        return labels, mask, weights
 
 
 @dataclass
@@ -111,6 +141,16 @@ class LiveOutcome:
 
 
 @dataclass
+class NewLayer:
+    """A live layer to add: ``kind`` "image" or "labels", its name, data and napari options."""
+
+    kind: str
+    name: str
+    data: np.ndarray
+    options: dict
+
+
+@dataclass
 class _Pair:
     image_name: str
     labels_name: str
@@ -124,6 +164,15 @@ class _Pair:
     @property
     def stack(self) -> bool:
         return len(self.shape) == 3
+
+
+def _bounding_box(index: tuple, shape: tuple) -> tuple[slice, ...]:
+    """The slices around the integer-array ``index`` into an array of ``shape`` (the whole
+    array for any other kind of index)."""
+    arrays = [np.asarray(i) for i in index]
+    if len(arrays) != len(shape) or any(a.dtype.kind not in "iu" or not a.size for a in arrays):
+        return tuple(slice(None) for _ in shape)
+    return tuple(slice(int(a.min()), int(a.max()) + 1) for a in arrays)
 
 
 class LiveController:
@@ -142,6 +191,7 @@ class LiveController:
         self.settings: dict = {}
         self.trainer = None
         self.painted: np.ndarray | None = None  # True where the user painted since start
+        self._touched = np.zeros(0, bool)  # per slice (one for a 2-D image): painted on since start
         self.view_slice = 0  # set by the GUI thread when the view moves
         self.strokes = 0
         self.submitted = 0
@@ -152,6 +202,8 @@ class LiveController:
         self._uncertainty: dict[int, np.ndarray] = {}
         self._visited: list[tuple] = []
         self._value_range = None
+        #: the prediction shown last (:meth:`show_prediction`)
+        self.latest: LivePrediction | None = None
 
     # start (GUI thread) ---------------------------------------------------------------------
     @property
@@ -197,6 +249,7 @@ class LiveController:
         self.guide = guide
         self.settings = dict(settings)
         self.painted = np.zeros(self.pair.shape, bool)
+        self._touched = np.zeros(self.pair.shape[0] if self.pair.stack else 1, bool)
         self.trainer = None
         self.strokes = self.submitted = 0
         self.stop_event.clear()
@@ -205,6 +258,27 @@ class LiveController:
         self._uncertainty = {}
         self._visited = []
         self._value_range = None
+        self.latest = None
+
+    def follow_view(self, event=None) -> None:
+        """Predict the slice in view from now on (GUI thread; connect it to the viewer's
+        ``dims.events.current_step``)."""
+        pair = self.pair
+        if pair is None or not pair.stack or pair.image_name not in self.viewer.layers:
+            return
+        self.view_slice = current_index(self.viewer, self.viewer.layers[pair.image_name])
+
+    def go_to(self, target: Target | None) -> None:
+        """Centre the view on ``target`` and show its slice (GUI thread)."""
+        pair = self.pair
+        if target is None or pair is None or pair.image_name not in self.viewer.layers:
+            return
+        layer = self.viewer.layers[pair.image_name]
+        point = (target.y, target.x) if target.z is None else (target.z, target.y, target.x)
+        world = layer.data_to_world(point)
+        if target.z is not None:
+            self.viewer.dims.set_point(self.viewer.dims.ndim - 3, float(world[0]))
+        self.viewer.camera.center = tuple(float(v) for v in world[-2:])
 
     def pair_present(self) -> bool:
         """Whether both layers of the pair are still in the viewer (the same layers)."""
@@ -217,84 +291,145 @@ class LiveController:
 
     # what the user painted (GUI thread) ----------------------------------------------------------
     def record_paint(self, atoms) -> int:
-        """Mark the pixels of a labels layer's ``events.paint`` value as painted; how many."""
+        """Mark the pixels of a labels layer's ``events.paint`` value as painted; how many were new.
+
+        The work is proportional to the edit: only each atom's bounding box is
+        read, never the whole volume.
+        """
         if self.painted is None:
             return 0
-        before = int(self.painted.sum())
+        added = 0
         for atom in atoms or ():
             if hasattr(atom, "slice_key"):  # mask-based edit: paint, fill, polygon
-                region = self.painted[tuple(atom.slice_key)]
+                key = tuple(atom.slice_key)
+                region = self.painted[key]
+                before = np.count_nonzero(region)
                 if atom.mask is None:
                     region[...] = True
                 else:
                     region[np.asarray(atom.mask, bool).reshape(region.shape)] = True
             else:  # (indices, old values, new values) from data_setitem
-                self.painted[tuple(atom[0])] = True
+                index = tuple(atom[0])
+                key = _bounding_box(index, self.painted.shape)
+                region = self.painted[key]
+                before = np.count_nonzero(region)
+                self.painted[index] = True
+            added += np.count_nonzero(region) - before
+            self._touched[key[0] if self.pair.stack else 0] = True
         self.strokes += 1
-        return int(self.painted.sum()) - before
+        return int(added)
 
     def record_erase(self, points, brush_size: float) -> int:
         """Mark the footprint of an erase stroke as painted (background); how many pixels were new.
 
         ``points``: the stroke's positions in data coordinates (the last two
-        are rows and columns; for a stack the first is the slice). The brush is
-        a disk of ``brush_size`` pixels across, as napari paints it; positions
-        are joined by straight lines.
+        are rows and columns; for a stack the first is the slice, the first
+        point's for the whole stroke, as a drag stays on the slice in view).
+        The brush is a disk of ``brush_size`` pixels across, as napari paints
+        it, at every pixel of the straight lines joining the positions.
         """
+        from skimage.draw import disk, line
+
         if self.painted is None or not len(points):
             return 0
-        pts = np.asarray(points, float)
-        shape = self.pair.shape
-        plane_shape = shape[-2:]
-        radius = math.floor(brush_size / 2) + 0.5
-        r = math.floor(radius)
-        dy, dx = np.mgrid[-r: r + 1, -r: r + 1]
-        disk = dy ** 2 + dx ** 2 <= radius ** 2
-        before = int(self.painted.sum())
-        path = [pts[0]]
-        for a, b in itertools.pairwise(pts):
-            n = int(np.ceil(np.abs(b[-2:] - a[-2:]).max() / max(1.0, radius / 2)))
-            path += [a + (b - a) * t for t in np.linspace(0, 1, n + 1)[1:]]
-        for p in path:
-            cy, cx = round(float(p[-2])), round(float(p[-1]))
-            if len(shape) == 3:
-                z = round(float(p[0]))
-                if not 0 <= z < shape[0]:
-                    continue
-                plane = self.painted[z]
-            else:
-                plane = self.painted
-            y0, x0 = max(cy - r, 0), max(cx - r, 0)
-            y1, x1 = min(cy + r + 1, plane_shape[0]), min(cx + r + 1, plane_shape[1])
-            if y0 >= y1 or x0 >= x1:
-                continue
-            plane[y0:y1, x0:x1] |= disk[y0 - (cy - r): y1 - (cy - r), x0 - (cx - r): x1 - (cx - r)]
+        pts = np.rint(np.asarray(points, float)).astype(np.int64)
+        if self.pair.stack:
+            z = int(pts[0, 0])
+            if not 0 <= z < self.pair.shape[0]:
+                return 0
+            plane = self.painted[z]
+        else:
+            z, plane = 0, self.painted
+        ends = pts[:, -2:]
+        rows, cols = [ends[:1, 0]], [ends[:1, 1]]
+        for (r0, c0), (r1, c1) in itertools.pairwise(ends):
+            rr, cc = line(r0, c0, r1, c1)
+            rows.append(rr[1:])
+            cols.append(cc[1:])
+        dr, dc = disk((0, 0), math.floor(brush_size / 2) + 0.5)
+        rr = (np.concatenate(rows)[:, None] + dr).ravel()
+        cc = (np.concatenate(cols)[:, None] + dc).ravel()
+        inside = (rr >= 0) & (rr < plane.shape[0]) & (cc >= 0) & (cc < plane.shape[1])
+        rr, cc = rr[inside], cc[inside]
         self.strokes += 1
-        return int(self.painted.sum()) - before
+        if not rr.size:
+            return 0
+        region = plane[rr.min(): rr.max() + 1, cc.min(): cc.max() + 1]
+        before = np.count_nonzero(region)
+        plane[rr, cc] = True
+        self._touched[z] = True
+        return int(np.count_nonzero(region) - before)
+
+    def erasing(self, layer, event) -> bool:
+        """Whether a mouse drag on ``layer`` erases, in a 2-D view of its last two axes, while
+        live mode runs."""
+        erasing = layer.mode == "erase" or (layer.mode == "paint" and
+                                            layer.selected_label == layer.colormap.background_value)
+        displayed = tuple(getattr(event, "dims_displayed", ()) or ())
+        return self.active and erasing and displayed == (layer.ndim - 2, layer.ndim - 1)
+
+    def erase_capture(self, recorded: Callable[[], None]) -> Callable:
+        """A mouse-drag callback for the labels layer that records erase strokes with
+        :meth:`record_erase` (also over unlabelled pixels, which napari does not report)
+        and calls ``recorded()`` after a stroke that marked new pixels."""
+        def capture(layer, event):
+            if not self.erasing(layer, event):
+                return
+            points = [layer.world_to_data(event.position)]
+            yield
+            while event.type == "mouse_move":
+                points.append(layer.world_to_data(event.position))
+                yield
+            if self.active and self.record_erase(points, layer.brush_size):
+                recorded()
+
+        return capture
+
+    def data_replaced(self) -> str | None:
+        """After the labels layer's data were replaced (undo, redo, a script): why live mode
+        must stop (data of another shape), or None when the labels just need handing over again."""
+        if self.pair is None or self.pair.labels_name not in self.viewer.layers:
+            return None
+        layer = self.viewer.layers[self.pair.labels_name]
+        if tuple(layer.data.shape) != self.pair.shape:
+            return f"The data of {layer.name!r} were replaced by data of another shape."
+        return None
 
     def snapshot(self) -> Snapshot | None:
-        """A copy of the annotations as the chosen rule counts them (GUI thread; one array copy).
+        """A copy of the annotations as the chosen rule counts them (GUI thread).
 
-        None when nothing has been painted since live mode started.
+        For a stack only the slices painted on are copied, so the cost grows with
+        what was annotated, not with the volume. None when nothing has been
+        painted since live mode started.
         """
-        if self.pair is None or not self.painted.any():
+        if self.pair is None or not self._touched.any():
             return None
         if self.pair.labels_name not in self.viewer.layers:
             raise BadInputError(f"layer {self.pair.labels_name!r} no longer exists")
-        labels = np.array(self.viewer.layers[self.pair.labels_name].data, copy=True)
-        if labels.shape != self.pair.shape:
-            raise BadInputError(f"labels {self.pair.labels_name!r} now have shape {labels.shape}, "
-                                f"the image {self.pair.shape}")
-        painted = self.painted.copy()
+        data = self.viewer.layers[self.pair.labels_name].data
+        if tuple(data.shape) != self.pair.shape:
+            raise BadInputError(f"labels {self.pair.labels_name!r} now have shape "
+                                f"{tuple(data.shape)}, the image {self.pair.shape}")
+        if self.pair.stack:
+            planes = tuple(int(z) for z in np.flatnonzero(self._touched))
+            labels = np.stack([np.asarray(data[z]) for z in planes])
+            painted = self.painted[list(planes)]
+        else:
+            planes = None
+            labels = np.array(data, copy=True)
+            painted = self.painted.copy()
+        count = int(np.count_nonzero(painted))
+        if not count:
+            return None
         mask = self.annotated_mask(painted)
-        if self.annotated == PAINTED:
-            return Snapshot(labels, mask, None, int(painted.sum()))
-        weights = np.where(painted, 1.0 + CORRECTION_EXTRA, 1.0).astype(np.float32)
-        return Snapshot(labels, mask, weights, int(painted.sum()))
+        weights = None if self.annotated == PAINTED else \
+            np.where(painted, 1.0 + CORRECTION_EXTRA, 1.0).astype(np.float32)
+        return Snapshot(labels, mask, weights, count, planes, self.pair.shape)
 
     def annotated_mask(self, painted: np.ndarray | None = None) -> np.ndarray:
         """True where the chosen rule counts a pixel as annotated: the painted pixels, or the
-        whole slices painted on."""
+        whole slices painted on. ``painted``: the painted mask (default: all of it), or for a
+        stack the painted mask of some of its slices."""
         painted = self.painted if painted is None else painted
         if self.annotated == PAINTED or not painted.any():
             return painted.copy()
@@ -341,8 +476,9 @@ class LiveController:
         with self._lock:
             snap, self._pending = self._pending, None
         if snap is not None:
-            self.trainer.submit([self.pair.image], [snap.labels], masks=[snap.mask],
-                                weights=None if snap.weights is None else [snap.weights])
+            labels, mask, weights = snap.full()
+            self.trainer.submit([self.pair.image], [labels], masks=[mask],
+                                weights=None if weights is None else [weights])
 
     def _plane(self, z: int | None) -> np.ndarray:
         return self.pair.image if z is None else self.pair.image[z]
@@ -485,6 +621,56 @@ class LiveController:
         model.provenance["live_annotated"] = self.annotated
         outcome.path = save_model(model, out)
         return outcome
+
+    # the worker's reports (GUI thread) ---------------------------------------------------------
+    def missing_layer(self, pred: LivePrediction) -> NewLayer | None:
+        """The next live layer to add, already showing ``pred``: the uncertainty first (below
+        the prediction, so the classes stay readable), then the prediction; None when both exist."""
+        pair = self.pair
+        names = (prediction_name(pair.image_name), uncertainty_name(pair.image_name))
+        geometry = {"scale": pair.scale, "translate": pair.translate}
+
+        def filled(values, dtype):  # a new layer shows the prediction from its first frame
+            data = np.zeros(pair.shape, dtype)
+            plane = data if pred.z is None else data[pred.z]
+            if plane.shape == values.shape:
+                plane[...] = values
+            return data
+
+        if names[1] not in self.viewer.layers:
+            return NewLayer("image", names[1], filled(pred.uncertainty, np.float32),
+                            {"colormap": "magma", "blending": "additive", "opacity": 0.5,
+                             "contrast_limits": (0.0, 1.0), **geometry})
+        if names[0] not in self.viewer.layers:
+            return NewLayer("labels", names[0], filled(pred.classes, np.uint8), {"opacity": 0.45, **geometry})
+        return None
+
+    def show_prediction(self, pred: LivePrediction) -> bool:
+        """Show ``pred`` (it becomes :attr:`latest`) in the live layers.
+
+        A missing layer is added alone and True is returned: call again with
+        :attr:`latest` on a later turn of the event loop (adding a 512² layer
+        takes napari about 0.1 s; two at once made the loop's worst pause).
+        Otherwise the plane is written into both layers in place and False is
+        returned. Nothing happens (False) once live mode has ended.
+        """
+        self.latest = pred
+        if self.pair is None or pred is None:
+            return False
+        new = self.missing_layer(pred)
+        if new is not None:
+            add = self.viewer.add_image if new.kind == "image" else self.viewer.add_labels
+            add(new.data, name=new.name, **new.options)
+            return True
+        names = (prediction_name(self.pair.image_name), uncertainty_name(self.pair.image_name))
+        for name, values in zip(names, (pred.classes, pred.uncertainty)):
+            layer = self.viewer.layers[name]
+            if tuple(layer.data.shape) != self.pair.shape:  # the user replaced its data
+                continue
+            target = layer.data if pred.z is None else layer.data[pred.z]
+            target[...] = values
+            layer.refresh()
+        return False
 
     # after the loop (GUI thread) ---------------------------------------------------------------
     def finished(self, outcome: LiveOutcome) -> str | None:

@@ -64,15 +64,50 @@ class _Failed:
         self.exc = exc
 
 
-def _launch(worker, returned, on_error, on_finished):
+def _launch(worker, returned, on_error, on_finished, pool=None):
     worker.returned.connect(returned)
     worker.errored.connect(on_error)
     worker.finished.connect(on_finished)
     # a worker lives until it ends, even when the dock that started it is closed
     _LIVE.add(worker)
     worker.finished.connect(lambda: _LIVE.discard(worker))
-    worker.start()
+    if pool is None:
+        worker.start()
+    else:
+        pool.start(worker)
     return worker
+
+
+#: loops that run at once, each on a thread of its own (one live mode per open Fine-tune dock)
+LOOP_THREADS = 8
+_loop_pool = None
+
+
+def loop_pool():
+    """The thread pool of :func:`start_loop`, apart from napari's global pool.
+
+    The global pool has as many threads as the machine has cores (two on a
+    laptop); a loop that runs as long as live mode does would hold one of them
+    and every other worker (Segment, the summary, Compare, export) would queue
+    behind it. When the application quits, the loops are asked to end and
+    waited for, as napari does for its own workers.
+    """
+    global _loop_pool
+    if _loop_pool is None:
+        from qtpy.QtCore import QCoreApplication, QThreadPool
+
+        _loop_pool = QThreadPool()
+        _loop_pool.setMaxThreadCount(LOOP_THREADS)
+        app = QCoreApplication.instance()
+        if app is not None:
+            app.aboutToQuit.connect(_quit_loops)
+    return _loop_pool
+
+
+def _quit_loops() -> None:
+    for worker in list(_LIVE):
+        worker.quit()
+    _loop_pool.waitForDone()
 
 
 def start_loop(
@@ -82,7 +117,8 @@ def start_loop(
     on_error: Callable[[BaseException], None],
     on_finished: Callable[[], None],
 ):
-    """Run the generator ``func()`` in a napari thread worker: every value it yields reaches
+    """Run the generator ``func()`` in a napari thread worker on a thread of its own
+    (:func:`loop_pool`, never one of the global pool's): every value it yields reaches
     ``on_yield`` on the GUI thread, its return value ``on_done``. Always a thread (a loop
     that runs until it is told to stop cannot run synchronously). Returns the worker."""
     from napari.qt.threading import create_worker
@@ -101,7 +137,7 @@ def start_loop(
 
     worker = create_worker(guarded, _start_thread=False)
     worker.yielded.connect(on_yield)
-    return _launch(worker, returned, on_error, on_finished)
+    return _launch(worker, returned, on_error, on_finished, loop_pool())
 
 
 _LIVE: set = set()
