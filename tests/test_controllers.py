@@ -268,3 +268,14 @@ def test_session_keeps_the_current_model_and_a_few_others(tmp_path):
     assert placement._COPIES.get(first_other.net, {}) == {}  # its copies dropped with it
     assert session.model(paths[1]) is not first_other  # loaded again when asked for
     assert len(session._cache) == KEPT_MODELS + 1
+
+
+def test_fine_tune_offers_user_images_whatever_their_name(viewer):
+    from napari_jointattn.controllers.finetune import FinetuneController
+    from napari_jointattn.controllers.layers import ATTENTION_KEY
+    from napari_jointattn.model import AttentionKey
+
+    viewer.add_image(np.zeros((8, 8), np.float32), name="attention scan")  # the user's own image
+    made = viewer.add_image(np.zeros((8, 8), np.float32), name="heat")
+    made.metadata[ATTENTION_KEY] = AttentionKey("joint", 16, "mix")  # a map the Segment dock made
+    assert FinetuneController(viewer).image_names() == ["attention scan"]

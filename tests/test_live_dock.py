@@ -406,15 +406,6 @@ def test_live_latency_benchmark_runs(tmp_path):
     assert r["stroke_to_reflected_s"] is not None and r["worst_gap_s"] < 5
 
 
-def test_live_controller_imports_no_qt():
-    import subprocess
-    import sys
-
-    code = ("import sys; import napari_jointattn.controllers.live; "
-            "bad = [m for m in ('qtpy', 'PyQt6', 'PyQt5', 'PySide6') if m in sys.modules]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-
-
 def test_next_moves_to_another_slice_of_a_stack(qtbot, live_dock):
     viewer, ft = live_dock
     image, truth = _disks(64, 64)

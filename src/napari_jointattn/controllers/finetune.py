@@ -22,7 +22,7 @@ import numpy as np
 from ..engine.errors import BadInputError
 from ..engine.models.versions import export_version, list_versions, version_path
 from ..engine.training.corrections import correction_weights, label_changes
-from .layers import ATTENTION_PREFIX, current_index, layer_input
+from .layers import current_index, is_attention_layer, layer_input
 from .segment import PREDICTION_KEY
 from .session import Session, preset_choices, session_for
 
@@ -162,7 +162,7 @@ class FinetuneController:
         from napari.layers import Image
 
         return [layer.name for layer in self.viewer.layers
-                if isinstance(layer, Image) and not layer.name.startswith(ATTENTION_PREFIX)]
+                if isinstance(layer, Image) and not is_attention_layer(layer)]
 
     def labels_names(self, image_name: str | None = None) -> list[str]:
         """Labels layers; with ``image_name``, those of that image's size."""
