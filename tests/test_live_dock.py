@@ -358,7 +358,7 @@ def test_live_mode_leaves_the_shared_worker_threads_free(qtbot, live_dock):
         qtbot.waitUntil(lambda: "cells live prediction" in viewer.layers, timeout=20_000)
         assert ft.live.active and ft.live_panel.worker is not None
         answers = []
-        _workers.start(lambda: 42, answers.append, answers.append, lambda: None)
+        _workers.start(lambda: 42, answers.append, answers.append, lambda: None, owner=ft)
         qtbot.waitUntil(lambda: answers == [42], timeout=5_000)
         assert ft.live.active  # the loop was running all along
     finally:

@@ -21,13 +21,43 @@ class ProgressBridge(QObject):
     progress = Signal(object)
 
 
+def alive(owner) -> bool:
+    """Whether the Qt object ``owner`` still exists (closing a window deletes its widgets
+    while their Python objects live on)."""
+    try:
+        from qtpy import sip
+
+        return not sip.isdeleted(owner)
+    except ImportError:  # PySide
+        from qtpy import shiboken
+
+        return shiboken.isValid(owner)
+
+
+def _while_alive(owner, callback: Callable) -> Callable:
+    """``callback``, run only while ``owner`` exists: a worker that ends after its dock was
+    closed (with the window, say) must not touch the dock's deleted widgets."""
+
+    def guarded(*args):
+        if alive(owner):
+            callback(*args)
+
+    return guarded
+
+
 def start(
     func: Callable[[], object],
     on_done: Callable[[object], None],
     on_error: Callable[[BaseException], None],
     on_finished: Callable[[], None],
+    *,
+    owner: QObject,
 ):
-    """Run ``func`` in a napari thread worker; return the worker (None when synchronous)."""
+    """Run ``func`` in a napari thread worker; return the worker (None when synchronous).
+
+    The callbacks run on the GUI thread, and only while ``owner`` (the dock or panel that
+    started the work) exists.
+    """
     if synchronous():
         try:
             result = func()
@@ -54,7 +84,8 @@ def start(
         else:
             on_done(value)
 
-    return _launch(create_worker(guarded, _start_thread=False), returned, on_error, on_finished)
+    return _launch(create_worker(guarded, _start_thread=False), _while_alive(owner, returned),
+                   _while_alive(owner, on_error), _while_alive(owner, on_finished))
 
 
 class _Failed:
@@ -116,11 +147,14 @@ def start_loop(
     on_done: Callable[[object], None],
     on_error: Callable[[BaseException], None],
     on_finished: Callable[[], None],
+    *,
+    owner: QObject,
 ):
     """Run the generator ``func()`` in a napari thread worker on a thread of its own
     (:func:`loop_pool`, never one of the global pool's): every value it yields reaches
-    ``on_yield`` on the GUI thread, its return value ``on_done``. Always a thread (a loop
-    that runs until it is told to stop cannot run synchronously). Returns the worker."""
+    ``on_yield`` on the GUI thread, its return value ``on_done`` (each only while ``owner``
+    exists). Always a thread (a loop that runs until it is told to stop cannot run
+    synchronously). Returns the worker."""
     from napari.qt.threading import create_worker
 
     def guarded():
@@ -136,8 +170,9 @@ def start_loop(
             on_done(value)
 
     worker = create_worker(guarded, _start_thread=False)
-    worker.yielded.connect(on_yield)
-    return _launch(worker, returned, on_error, on_finished, loop_pool())
+    worker.yielded.connect(_while_alive(owner, on_yield))
+    return _launch(worker, _while_alive(owner, returned), _while_alive(owner, on_error),
+                   _while_alive(owner, on_finished), loop_pool())
 
 
 _LIVE: set = set()

@@ -66,9 +66,10 @@ class FinetuneDock(QWidget):
         self.train_panel.model_saved.connect(self.versions_panel.refresh_versions)
         # a removed layer's data may sit in frozen cycles
         self.viewer.layers.events.removed.connect(lambda *_: gc_hold.thaw())
-        # closing the dock or the viewer ends the live loop (its worker thread stops by itself)
-        stop = self.live.stop_event.set
-        self.destroyed.connect(lambda *_: stop())
+        # closing the dock or the viewer ends the live loop and a training run (their worker
+        # threads stop by themselves; a run keeps its best weights so far, as Stop does)
+        stops = (self.live.stop_event.set, self.controller.stop_event.set)
+        self.destroyed.connect(lambda *_: [stop() for stop in stops])
         self.preload()
 
     def preload(self) -> None:
@@ -78,4 +79,4 @@ class FinetuneDock(QWidget):
         if _workers.synchronous():
             return
         self.preload_worker = _workers.start(_import_training_engine, lambda _: None,
-                                             lambda _: None, lambda: None)
+                                             lambda _: None, lambda: None, owner=self)

@@ -156,7 +156,7 @@ class LivePanel(QGroupBox):
         # do): keep what exists now out of its walk, as the Segment dock does (see gc_hold)
         gc_hold.settle()
         self.worker = _workers.start_loop(self.live.run, self._report, self._done, self._error,
-                                          self._finished)
+                                          self._finished, owner=self)
 
     def stop(self, reason: str | None = None) -> None:
         """End the loop; the worker scores the live model and saves it if it improved."""

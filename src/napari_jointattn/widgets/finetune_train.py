@@ -308,7 +308,7 @@ class TrainPanel(_workers.WorkerDockMixin, QWidget):
                 self.refresh_summary()
 
         self.summary_worker = _workers.start(lambda: self.controller.compute_summary(snap),
-                                             self._show_summary, self._summary_error, finished)
+                                             self._show_summary, self._summary_error, finished, owner=self)
 
     def _summary_error(self, exc: BaseException) -> None:
         self.last_summary = None
@@ -367,6 +367,7 @@ class TrainPanel(_workers.WorkerDockMixin, QWidget):
             lambda result: self._done(request, result),
             self._error,
             self._finished,
+            owner=self,
         )
 
     def _on_progress(self, info: dict) -> None:
@@ -432,7 +433,7 @@ class TrainPanel(_workers.WorkerDockMixin, QWidget):
 
         self.compare_worker = _workers.start(lambda: self.controller.compare(req),
                                              lambda diff: self._show_changes(req, diff),
-                                             self._error, finished)
+                                             self._error, finished, owner=self)
 
     def _show_changes(self, req, diff):
         name = f"{req.image_name} changes"

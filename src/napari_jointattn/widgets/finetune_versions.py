@@ -113,4 +113,4 @@ class VersionsPanel(QWidget):
 
         # checked exports run the model (and bioimage.io's own test run): never on the GUI thread
         _workers.start(lambda: self.controller.export(source, target, fmt), done, failed,
-                       lambda: self.export_button.setEnabled(True))
+                       lambda: self.export_button.setEnabled(True), owner=self)

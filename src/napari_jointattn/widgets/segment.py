@@ -129,6 +129,9 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.viewer.layers.selection.events.active.connect(self._follow_selection)
         self.refresh_layers()
         self.refresh_models(select=self.session.current_model())
+        # closing the dock or the viewer cancels a run (its worker thread stops by itself)
+        cancel = self.controller.cancel_event.set
+        self.destroyed.connect(lambda *_: cancel())
         self.warm_up()
         self.check_fit()
 
@@ -205,7 +208,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
                 self.check_fit()
 
         self.fit_worker = _workers.start(lambda: fit_advice(query), self._show_fit,
-                                         lambda exc: None, finished)
+                                         lambda exc: None, finished, owner=self)
 
     def _show_fit(self, advice: dict) -> None:
         if self._fit_pending is not None:
@@ -232,7 +235,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
                 self._warming = None
 
         self.warm_worker = _workers.start(lambda: self.controller.warm(key, tile, device),
-                                          lambda ok: None, lambda exc: None, finished)
+                                          lambda ok: None, lambda exc: None, finished, owner=self)
 
     def _follow_selection(self, event=None) -> None:
         active = self.viewer.layers.selection.active
@@ -264,7 +267,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
             self.refresh_models(select=path)
 
         _workers.start(lambda: self.controller.add_model_file(path), done,
-                       lambda exc: self._notify_error(str(exc)), lambda: None)
+                       lambda exc: self._notify_error(str(exc)), lambda: None, owner=self)
 
     # run ---------------------------------------------------------------------
     def segment(self) -> None:
@@ -298,6 +301,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
             lambda value: self._done(request, value),
             self._error,
             self._worker_finished,
+            owner=self,
         )
 
     def cancel(self) -> None:
@@ -422,7 +426,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
                 self.query_at(pending)
 
         self.query_worker = _workers.start(lambda: self.controller.query(request), self._show_query,
-                                           self._error, finished)
+                                           self._error, finished, owner=self)
 
     def _show_query(self, value) -> None:
         result, inp = value
