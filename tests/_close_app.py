@@ -28,8 +28,13 @@ model = str(save_model(new_model(config=tiny, classes=["background", "object"], 
                        os.path.join(model_dir, "tiny.safetensors")))
 rng = np.random.default_rng(0)
 viewer = napari.Viewer(show=True)
-plugin = "Fine-tune" if case in ("train", "live", "finetune-open") else "Segment"
+plugin = "Fine-tune" if case in ("train", "live", "finetune-open", "finetune-exit") else "Segment"
 _, dock = viewer.window.add_plugin_dock_widget("napari-jointattn", plugin)
+if case in ("finetune-exit", "segment-exit"):  # a script that closes the viewer and ends at once
+    print("started", flush=True)
+    viewer.close()
+    print("closed", flush=True)
+    raise SystemExit(0)
 
 
 def begin():

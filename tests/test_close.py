@@ -12,12 +12,13 @@ pytest.importorskip("napari")
 HERE = Path(__file__).parent
 
 
-# about 10 s each (a napari start): two of the five are in the slow set
+# about 10 s each (a napari start): three of the seven are in the slow set
 SLOW = pytest.mark.slow
 
 
 @pytest.mark.parametrize("case", ["segment-open", pytest.param("segment-running", marks=SLOW),
-                                  pytest.param("finetune-open", marks=SLOW), "train", "live"])
+                                  pytest.param("finetune-open", marks=SLOW), "finetune-exit",
+                                  pytest.param("segment-exit", marks=SLOW), "train", "live"])
 def test_closing_the_window_during_work_exits_cleanly(case, tmp_path):
     env = {**os.environ, "QT_API": os.environ.get("QT_API", "pyqt6")}
     env.pop("NAPARI_JOINTATTN_SYNC", None)  # real worker threads, as in use

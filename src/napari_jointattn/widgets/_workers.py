@@ -95,7 +95,30 @@ class _Failed:
         self.exc = exc
 
 
+#: at interpreter exit, how long running workers are given to end (they are asked to)
+EXIT_WAIT_S = 60
+
+
+def _wait_at_exit() -> None:
+    """Let running workers end before Python and Qt tear down: a worker still running then
+    emits its signals through deleted Qt objects, and PyQt aborts the process (a script that
+    closes the viewer and ends, or a window closed seconds after a dock opened)."""
+    from qtpy.QtCore import QThreadPool
+
+    for worker in list(_LIVE):
+        worker.quit()  # loops stop at their next step; a function runs to its end
+    for pool in (QThreadPool.globalInstance(), _loop_pool):
+        if pool is not None:
+            pool.waitForDone(int(EXIT_WAIT_S * 1000))
+
+
 def _launch(worker, returned, on_error, on_finished, pool=None):
+    global _exit_hook
+    if not _exit_hook:
+        import atexit
+
+        atexit.register(_wait_at_exit)
+        _exit_hook = True
     worker.returned.connect(returned)
     worker.errored.connect(on_error)
     worker.finished.connect(on_finished)
@@ -176,6 +199,7 @@ def start_loop(
 
 
 _LIVE: set = set()
+_exit_hook = False
 
 
 def running() -> int:
