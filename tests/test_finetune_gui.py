@@ -329,3 +329,19 @@ def test_export_a_version_as_onnx_from_the_dock(qtbot, docks, model_dir, tmp_pat
     import onnxruntime
 
     onnxruntime.InferenceSession(str(tmp_path / "shared.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_the_dock_fits_a_laptop_screen_beside_the_canvas(qtbot, lone_ft):
+    """1600 x 1000: common settings shown, the rest folded; the window does not grow past it."""
+    viewer, ft = lone_ft
+    window = viewer.window._qt_window
+    window.resize(1600, 1000)
+    qtbot.wait(50)
+    assert ft.minimumSizeHint().height() <= 800 and ft.minimumSizeHint().width() <= 420
+    assert ft.train_panel.train_button.isVisibleTo(ft) and ft.train_panel.seconds_spin.isVisibleTo(ft)
+    folded = [ft.train_panel.advanced_section, ft.live_section, ft.versions_section]
+    assert not any(section.isExpanded() for section in folded)  # learning rate etc. under Advanced
+    content = ft.train_panel.advanced_section.content()
+    assert content.maximumHeight() == 0 and ft.train_panel.lr_spin.parent() is not None
+    ft.train_panel.advanced_section.expand(animate=False)
+    assert content.maximumHeight() >= ft.train_panel.lr_spin.sizeHint().height() * 4  # four rows unfold

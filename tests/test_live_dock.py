@@ -270,6 +270,8 @@ def test_learn_while_i_paint_in_the_dock(qtbot, live_dock, model_dir):
     ft.live_panel.live_button.click()
     assert ft.live_panel.live_button.text() == "Stop live" and ft.live_panel.next_button.isEnabled()
     assert not ft.train_panel.train_button.isEnabled()  # one training at a time
+    # the pair being learnt from cannot be swapped under the loop
+    assert not ft.train_panel.image_combo.isEnabled() and not ft.train_panel.labels_combo.isEnabled()
     # the start model's view comes first, in its own layers (never the user's labels)
     qtbot.waitUntil(lambda: "cells live prediction" in viewer.layers and "cells uncertainty" in viewer.layers,
                     timeout=20_000)
@@ -305,6 +307,7 @@ def test_learn_while_i_paint_in_the_dock(qtbot, live_dock, model_dir):
     assert layer.data is user_labels and (layer.data[stroke] == 1).all()
     assert not layer.data[~stroke][48 * 96:].any()  # nothing written into the user's labels
     assert ft.live_panel.live_button.text() == "Start live" and ft.train_panel.train_button.isEnabled()
+    assert ft.train_panel.image_combo.isEnabled()
     versions = [p for p in model_dir.iterdir() if "-ft-" in p.name]
     if versions:  # improved: a version, the session's current model
         assert ft.controller.session.current_model() == str(versions[0])

@@ -20,6 +20,7 @@ refuses to start during a training run.
 from __future__ import annotations
 
 from qtpy.QtWidgets import QVBoxLayout, QWidget
+from superqt import QCollapsible
 
 from ..controllers import gc_hold
 from ..controllers.finetune import FinetuneController
@@ -55,15 +56,25 @@ class FinetuneDock(QWidget):
         self.train_panel = TrainPanel(napari_viewer, self.controller, self.live)
         self.live_panel = LivePanel(napari_viewer, self.controller, self.live, self.train_panel)
         self.versions_panel = VersionsPanel(self.controller)
+        # training first; live mode and the versions folded below it, so that the dock fits
+        # beside the canvas on a 1000-pixel-high screen (the versions unfold when one is saved)
+        self.live_section = QCollapsible("Learn while I paint")
+        self.live_section.addWidget(self.live_panel)
+        self.versions_section = QCollapsible("Model versions")
+        self.versions_section.addWidget(self.versions_panel)
         layout = QVBoxLayout(self)
-        for panel in (self.train_panel, self.live_panel, self.versions_panel):
-            layout.addWidget(panel)
+        layout.addWidget(self.train_panel)
+        for section in (self.live_section, self.versions_section):
+            section.collapse(animate=False)
+            layout.addWidget(section)
+        layout.addStretch(1)
 
-        train_button = self.train_panel.train_button
-        self.live_panel.running_changed.connect(lambda live: train_button.setEnabled(not live))
+        self.live_panel.running_changed.connect(self.train_panel.set_live)
         self.live_panel.model_saved.connect(self.versions_panel.refresh_versions)
         self.live_panel.model_saved.connect(lambda _: self.train_panel.refresh_start())
         self.train_panel.model_saved.connect(self.versions_panel.refresh_versions)
+        for panel in (self.train_panel, self.live_panel):
+            panel.model_saved.connect(lambda *_: self.versions_section.expand(animate=False))
         # a removed layer's data may sit in frozen cycles
         self.viewer.layers.events.removed.connect(lambda *_: gc_hold.thaw())
         # closing the dock or the viewer ends the live loop and a training run (their worker

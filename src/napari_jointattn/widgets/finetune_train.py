@@ -26,6 +26,7 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+from superqt import QCollapsible
 
 from ..controllers.finetune import (
     CORRECTION_EXTRA,
@@ -107,8 +108,9 @@ class TrainPanel(_workers.WorkerDockMixin, QWidget):
         self.val_spin = _spin(QDoubleSpinBox(), 0.05, 0.5, 0.2, step=0.05)
         self.augment_check = QCheckBox("Augmentation")
         self.augment_check.setChecked(True)
-        self.weight_check = QCheckBox(
-            "Weight my corrections ×5 (where I changed the model's labels)")
+        self.weight_check = QCheckBox("Weight my corrections ×5")
+        self.weight_check.setToolTip("Pixels where the labels differ from the model's own "
+                                     "prediction count five times in the loss")
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         self.train_button = QPushButton("Train")
@@ -127,18 +129,27 @@ class TrainPanel(_workers.WorkerDockMixin, QWidget):
         form.addRow("", pair_row)
         settings = QFormLayout()
         for label, widget in (("Pairs", self.pairs_list), ("Start model", self.start_combo),
-                              ("Time budget", self.seconds_spin), ("Epochs", self.epochs_spin),
-                              ("Learning rate", self.lr_spin),
-                              ("Validation fraction", self.val_spin),
-                              ("Device", self.device_combo)):
+                              ("Time budget", self.seconds_spin)):
             settings.addRow(label, widget)
+        # the settings most runs leave alone, folded away so that the dock fits a laptop screen
+        advanced = QWidget()
+        more = QFormLayout(advanced)
+        more.setContentsMargins(0, 0, 0, 0)
+        for label, widget in (("Epochs", self.epochs_spin), ("Learning rate", self.lr_spin),
+                              ("Validation fraction", self.val_spin), ("Device", self.device_combo)):
+            more.addRow(label, widget)
+        more.addRow(self.augment_check)
+        more.addRow(self.weight_check)
+        self.advanced_section = QCollapsible("Advanced")
+        self.advanced_section.addWidget(advanced)
+        self.advanced_section.collapse(animate=False)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addLayout(form)
         layout.addWidget(self.pair_hint)
         layout.addLayout(settings)
-        for widget in (self.summary_label, self.augment_check, self.weight_check, self.train_button,
-                       self.status, self.canvas, self.compare_button):
+        for widget in (self.advanced_section, self.summary_label, self.train_button, self.status,
+                       self.canvas, self.compare_button):
             layout.addWidget(widget)
 
         self.train_button.clicked.connect(self.toggle)
@@ -152,6 +163,15 @@ class TrainPanel(_workers.WorkerDockMixin, QWidget):
         for ev in (events.inserted, events.removed):
             ev.connect(self.refresh_layers)
         self.refresh_layers()
+
+    def set_live(self, live: bool) -> None:
+        """While live mode runs: no Train, and the pair it learns from cannot be changed
+        (the image, labels, pairs and start model are locked, not just ignored)."""
+        for widget in (self.train_button, self.image_combo, self.labels_combo, self.pairs_list,
+                       self.add_pair_button, self.remove_pair_button, self.start_combo):
+            widget.setEnabled(not live)
+        self.image_combo.setToolTip("locked while live mode runs: stop it to choose another image"
+                                    if live else "")
 
     # plot -------------------------------------------------------------------
     @staticmethod
