@@ -88,16 +88,17 @@ def main() -> int:
     return 0
 
 
-def finetune_shot(seconds: int = 40) -> None:
+def finetune_shot(seconds: int = 60) -> None:
     """The Fine-tune dock after a short run: the user's corrected labels, live plot, versions."""
-    viewer, _ = nuclei_segmented(950)
+    viewer, _ = nuclei_segmented(1000)
     labels = viewer.layers["nuclei labels"]
     # a correction, as a user would paint it: erase the objects of the top-left quarter
     h, w = labels.data.shape
     corrected = labels.data.copy()
     corrected[: h // 4, : w // 4] = 0
     labels.data = corrected
-    _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune")
+    # a tab beside the Segment dock: the whole height of the window, as on a laptop screen
+    _, ft = viewer.window.add_plugin_dock_widget("napari-jointattn", "Fine-tune", tabify=True)
     train = ft.train_panel
     train.refresh_layers()
     train.seconds_spin.setValue(seconds)

@@ -33,6 +33,8 @@ def test_segment_on_a_viewer_model(viewer, saved_model, blobs):
     assert tuple(labels.scale) == (0.5, 0.5)
     names = [l.name for l in viewer.layers]
     assert len([n for n in names if n.startswith("attention joint")]) == 9
+    # the heatmaps sit between the image and its labels: the labels stay on top, drawn and listed
+    assert names[0] == "cells" and names[-1] == "cells labels"
     assert not viewer.layers["attention joint 1/8 mix"].visible
     effect = viewer.layers["attention joint 1/8 effect"]  # what the module changed: hidden, own scale
     assert not effect.visible and effect.colormap.name == "plasma"

@@ -401,7 +401,9 @@ class SegmentController:
                     layer = Image(small, name=lname, colormap=_colormap(key), blending="additive", opacity=0.5,
                                   contrast_limits=_limits(key, small), scale=scale, translate=translate,
                                   metadata=meta, visible=key.map == "pointwise")
-                    steps.append(Step(lname, lambda layer=layer: self._add(layer)))
+                    # under the labels: the heatmaps never cover the result, nor push it out of
+                    # view at the top of the layer list
+                    steps.append(Step(lname, lambda layer=layer: self._add(layer, below=labels_name(request.layer_name))))
             result.attention = shown  # the full-size maps of a huge image are not kept
         return steps
 
@@ -423,13 +425,18 @@ class SegmentController:
         self.last_result = result
         self.last_request = request
 
-    def _add(self, layer):
-        if layer.name in self.viewer.layers:  # a layer of another kind or shape took the name
+    def _add(self, layer, below: str | None = None):
+        """Add ``layer`` on top, or just under the layer named ``below`` when there is one."""
+        layers = self.viewer.layers
+        if layer.name in layers:  # a layer of another kind or shape took the name
             i = 1
-            while f"{layer.name} [{i}]" in self.viewer.layers:
+            while f"{layer.name} [{i}]" in layers:
                 i += 1
             layer.name = f"{layer.name} [{i}]"
-        self.viewer.layers.append(layer)
+        if below is not None and below in layers:
+            layers.insert(layers.index(below), layer)
+        else:
+            layers.append(layer)
         return layer
 
     @staticmethod

@@ -42,6 +42,12 @@ def _thaw(*_) -> None:
     gc_hold.thaw()
 
 
+#: what the attention layers show, in one line each (docs/usage.md says more)
+ATTENTION_LEGEND = ("Attention layers, under the labels: <module> = where it amplifies local "
+                    "features; mix = how much context is global, not local; effect (hidden) = how "
+                    "much the module changed the features there (near 0: it barely matters).")
+
+
 class SegmentDock(_workers.WorkerDockMixin, QWidget):
     """napari dock widget titled "Segment"."""
 
@@ -104,6 +110,10 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.attention_check)
+        self.attention_legend = QLabel(ATTENTION_LEGEND)
+        self.attention_legend.setWordWrap(True)
+        self.attention_legend.setVisible(False)
+        layout.addWidget(self.attention_legend)
         layout.addWidget(self.query_check)
         layout.addLayout(buttons)
         layout.addWidget(self.device_label)
@@ -117,6 +127,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.image_combo.currentTextChanged.connect(self.check_fit)
         self.model_combo.activated.connect(self._user_chose_model)
         self.attention_check.toggled.connect(self._toggle_attention_layers)
+        self.attention_check.toggled.connect(self.attention_legend.setVisible)
         self.query_check.toggled.connect(self._toggle_query)
         self.model_combo.currentIndexChanged.connect(self._model_chosen)
         self.tile_spin.valueChanged.connect(self._tile_chosen)
