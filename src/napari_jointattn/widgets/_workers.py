@@ -34,7 +34,7 @@ def alive(owner) -> bool:
         return shiboken.isValid(owner)
 
 
-def _while_alive(owner, callback: Callable) -> Callable:
+def while_alive(owner, callback: Callable) -> Callable:
     """``callback``, run only while ``owner`` exists: a worker that ends after its dock was
     closed (with the window, say) must not touch the dock's deleted widgets."""
 
@@ -84,8 +84,8 @@ def start(
         else:
             on_done(value)
 
-    return _launch(create_worker(guarded, _start_thread=False), _while_alive(owner, returned),
-                   _while_alive(owner, on_error), _while_alive(owner, on_finished))
+    return _launch(create_worker(guarded, _start_thread=False), while_alive(owner, returned),
+                   while_alive(owner, on_error), while_alive(owner, on_finished))
 
 
 class _Failed:
@@ -193,9 +193,9 @@ def start_loop(
             on_done(value)
 
     worker = create_worker(guarded, _start_thread=False)
-    worker.yielded.connect(_while_alive(owner, on_yield))
-    return _launch(worker, _while_alive(owner, returned), _while_alive(owner, on_error),
-                   _while_alive(owner, on_finished), loop_pool())
+    worker.yielded.connect(while_alive(owner, on_yield))
+    return _launch(worker, while_alive(owner, returned), while_alive(owner, on_error),
+                   while_alive(owner, on_finished), loop_pool())
 
 
 _LIVE: set = set()

@@ -225,8 +225,11 @@ class LivePanel(QGroupBox):
             self.status.setText(text)
 
     def _show_prediction(self, pred) -> None:
+        if self.live.stop_event.is_set():  # stopping (or the window closing): no new layers
+            return
         if self.live.show_prediction(pred):  # a layer was added: the rest on a later turn
-            QTimer.singleShot(LAYER_STEP_MS, lambda: self._show_prediction(self.live.latest))
+            later = _workers.while_alive(self, lambda: self._show_prediction(self.live.latest))
+            QTimer.singleShot(LAYER_STEP_MS, later)
 
     def _done(self, outcome: LiveOutcome) -> None:
         from napari.utils.notifications import show_info, show_warning

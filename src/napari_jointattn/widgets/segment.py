@@ -340,7 +340,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
         self.status.setText(f"{request.layer_name}: adding layers…")
         self._steps = list(steps)
         self._result = (request, result)
-        QTimer.singleShot(0, self._next_step)
+        QTimer.singleShot(0, _workers.while_alive(self, self._next_step))
 
     def _next_step(self) -> None:
         """Run one GUI-thread step (adds or updates one layer); the next comes on a later turn."""
@@ -355,7 +355,7 @@ class SegmentDock(_workers.WorkerDockMixin, QWidget):
             self._maybe_end()
             return
         if self._steps:
-            QTimer.singleShot(STEP_DELAY_MS, self._next_step)
+            QTimer.singleShot(STEP_DELAY_MS, _workers.while_alive(self, self._next_step))
             return
         self._report(*self._result)
         self._maybe_end()
