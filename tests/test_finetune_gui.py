@@ -76,7 +76,7 @@ def test_train_on_painted_labels(qtbot, docks, blobs, model_dir):
     assert ft.versions_panel.versions_list.count() == 1
     assert not [p for p in model_dir.iterdir() if ".part" in p.name]
     # the line plot has a loss and a validation curve
-    assert len(ft.train_panel.axes.lines) == 2
+    assert len(ft.train_panel.plot.axes.lines) == 2
     ft.train_panel.compare()  # both models run in a worker thread
     qtbot.waitUntil(lambda: "cells changes" in viewer.layers and ft.train_panel.compare_worker is None, timeout=60_000)
     layer = viewer.layers["cells changes"]

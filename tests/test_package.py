@@ -80,3 +80,10 @@ def test_console_script_help():
         pytest.skip("console script not on PATH")
     out = subprocess.run([exe, "--help"], capture_output=True, text=True, check=True)
     assert "segment" in out.stdout and "evaluate" in out.stdout
+
+
+def test_docks_stay_thin():
+    """The Qt docks only show and start things: no file of widgets/ grows past 450 lines."""
+    widgets = Path(__file__).resolve().parent.parent / "src" / "napari_jointattn" / "widgets"
+    sizes = {p.name: len(p.read_text().splitlines()) for p in widgets.glob("*.py")}
+    assert len(sizes) >= 5 and max(sizes.values()) <= 450, sizes

@@ -85,6 +85,11 @@ class Step:
     run: Callable[[], object]
 
 
+#: what the attention layers show, one line for the Segment dock (docs/usage.md says more)
+ATTENTION_LEGEND = ("Attention layers, under the labels: <module> = where it amplifies local "
+                    "features; mix = how much context is global, not local; effect (hidden) = how "
+                    "much the module changed the features there (near 0: it barely matters).")
+
 def store_for(layer, source_name: str):
     """Where a big layer's labels store goes: next to an OME-Zarr source when that folder is
     writable, else in the user cache folder. A complete store, or one of another source or

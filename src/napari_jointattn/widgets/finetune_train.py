@@ -41,6 +41,7 @@ from ..controllers.finetune import (
 from ..controllers.live import LiveController
 from ..engine.errors import BadInputError
 from . import _workers
+from .finetune_plot import LossPlot
 from .segment import DEVICES
 
 #: the summary is recomputed this long after the last edit of a paired labels layer
@@ -118,7 +119,7 @@ class TrainPanel(_workers.WorkerDockMixin, QWidget):
         self.status.setWordWrap(True)
         self.compare_button = QPushButton("Compare before/after")
         self.compare_button.setEnabled(False)
-        self.canvas, self.axes = self._make_plot()
+        self.plot = LossPlot()
 
         form = QFormLayout()
         form.addRow("Image", self.image_combo)
@@ -149,7 +150,7 @@ class TrainPanel(_workers.WorkerDockMixin, QWidget):
         layout.addWidget(self.pair_hint)
         layout.addLayout(settings)
         for widget in (self.advanced_section, self.summary_label, self.train_button, self.status,
-                       self.canvas, self.compare_button):
+                       self.plot.canvas, self.compare_button):
             layout.addWidget(widget)
 
         self.train_button.clicked.connect(self.toggle)
@@ -173,30 +174,8 @@ class TrainPanel(_workers.WorkerDockMixin, QWidget):
         self.image_combo.setToolTip("locked while live mode runs: stop it to choose another image"
                                     if live else "")
 
-    # plot -------------------------------------------------------------------
-    @staticmethod
-    def _make_plot():
-        from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-        from matplotlib.figure import Figure
-
-        fig = Figure(figsize=(3.2, 2.0), tight_layout=True)
-        canvas = FigureCanvasQTAgg(fig)
-        canvas.setMinimumHeight(160)
-        return canvas, fig.add_subplot(111)
-
     def _redraw(self) -> None:
-        ax = self.axes
-        ax.clear()
-        (sx, loss), (cx, dice) = curves(self.controller.history)
-        if sx:
-            ax.plot(sx, loss, color="tab:blue", lw=1, label="training loss")
-        if cx:
-            ax.plot(cx, dice, "o-", color="tab:orange", ms=3, label="validation Dice")
-        ax.set_xlabel("epoch", fontsize=8)
-        ax.tick_params(labelsize=7)
-        if sx or cx:
-            ax.legend(fontsize=7, loc="best")
-        self.canvas.draw_idle()
+        self.plot.draw(curves(self.controller.history))
 
     # choices ----------------------------------------------------------------
     def refresh_layers(self, event=None) -> None:

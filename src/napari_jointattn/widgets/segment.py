@@ -28,7 +28,7 @@ from qtpy.QtWidgets import (
 
 from ..controllers import gc_hold
 from ..controllers.layers import attention_key, attention_layers
-from ..controllers.segment import Request, SegmentController
+from ..controllers.segment import ATTENTION_LEGEND, Request, SegmentController
 from ..controllers.session import DEFAULT_TILE
 from ..engine.errors import BadInputError
 from . import _workers
@@ -41,11 +41,6 @@ STEP_DELAY_MS = 15
 def _thaw(*_) -> None:
     gc_hold.thaw()
 
-
-#: what the attention layers show, in one line each (docs/usage.md says more)
-ATTENTION_LEGEND = ("Attention layers, under the labels: <module> = where it amplifies local "
-                    "features; mix = how much context is global, not local; effect (hidden) = how "
-                    "much the module changed the features there (near 0: it barely matters).")
 
 
 class SegmentDock(_workers.WorkerDockMixin, QWidget):
