@@ -53,16 +53,21 @@ def test_version_names(tmp_path):
 
 def test_versions_listed_newest_first_without_plain_or_unimproved_models(tmp_path):
     save_model(new_model("nuclei", seed=0), tmp_path / "plain.safetensors")  # no parent: not a version
-    old = save_model(new_model("nuclei", seed=0, provenance={"parent": "nuclei", "saved": "2026-01-01T00:00:00"}),
-                     tmp_path / "nuclei-ft-a.safetensors")
-    new = save_model(new_model("nuclei", seed=0, provenance={"parent": "nuclei", "saved": "2026-02-01T00:00:00"}),
+    import time
+
+    # the order is the files' own save times (a parent's time in the provenance never counts)
+    old = save_model(new_model("nuclei", seed=0, provenance={"parent": "nuclei", "saved": "2030-01-01T00:00:00"}),
                      tmp_path / "nuclei-ft-b.safetensors")
+    time.sleep(1.1)  # save times have one-second resolution
+    new = save_model(new_model("nuclei", seed=0, provenance={"parent": "nuclei", "saved": "2026-01-01T00:00:00"}),
+                     tmp_path / "nuclei-ft-a.safetensors")
     save_model(new_model("nuclei", seed=0, provenance={"parent": "nuclei", "training": {"improved": False}}),
                tmp_path / "nuclei-ft-c.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"not a model")
     versions = list_versions(tmp_path)
     assert [p for p, _ in versions] == [new, old]
-    assert describe_version(*versions[0]).startswith("nuclei-ft-b  (from nuclei, val Dice n/a, 2026-02-01")
+    saved = versions[0][1]["provenance"]["saved"][:19].replace("T", " ")
+    assert describe_version(*versions[0]).startswith(f"nuclei-ft-a  (from nuclei, val Dice n/a, {saved}")
     (tmp_path / "shared").mkdir()
     out = export_version(new, tmp_path / "shared" / "copy")
     assert out.name == "copy.safetensors" and out.read_bytes() == new.read_bytes()
